@@ -1,0 +1,218 @@
+"""The storage edge: appending events with their inline projection, reading streams.
+
+Every write appends events and rewrites the affected ``jobs`` rows **in one
+statement** (``sql/queries/store.sql``), guarded by the version the writer
+read. Nothing here decides what the new row is: callers compute it with the
+reducer (:func:`projections.job_state.apply`) and pass both the event and the
+resulting row, so the live table is by construction the fold of the log.
+
+A job missing from an append's result was moved by someone else first (its
+version moved on); the caller reloads and re-applies, or reports the conflict.
+
+Notifications: a write may carry one NOTIFY payload, sent once by the same
+statement (never once per job of a batch). Listeners on channel ``jobledger``
+receive a JSON object with any of ``ready`` (queues that got claimable work),
+``cancel`` (job ids whose cancellation was requested) and ``done`` (job ids
+that reached a terminal status, or ``"*"`` when there were many).
+
+Driver errors are translated here, by SQLSTATE and constraint name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from engine import events as ev
+from engine.errors import ImmutableLog, JobNotFound, PayloadTooLarge
+from engine.sqlfiles import Q
+from projections.job_state import Job
+
+CHANNEL = "jobledger"
+MAX_DONE_IDS = 100
+IMMUTABLE_SQLSTATE = "JL001"
+
+_job_decoder = msgspec.json.Decoder(Job)
+_meta_decoder = msgspec.json.Decoder(ev.Meta)
+_event_decoders = {tag: msgspec.json.Decoder(cls) for tag, cls in ev.EVENT_TYPES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+class Change(msgspec.Struct, frozen=True):
+    """One append: the event and the job row the reducer made of it."""
+
+    state: Job
+    recorded: ev.Recorded
+
+
+class _EventRow(msgspec.Struct):
+    job_id: UUID
+    version: int
+    type: str
+    data: ev.AnyEvent
+    meta: ev.Meta
+    recorded_at: Any
+
+
+@dataclass
+class Limits:
+    """Size limits on what a single event may carry (encoded JSON bytes)."""
+
+    max_event_bytes: int = 1 << 20
+
+
+LIMITS = Limits()
+
+
+def decode_job(doc: str | bytes) -> Job:
+    """A ``jobs`` row rendered by ``to_json`` -> :class:`Job`."""
+    return _job_decoder.decode(doc)
+
+
+def decode_event(type_: str, data: str | bytes) -> ev.Event:
+    """A stored payload -> its event Struct (unknown fields are ignored)."""
+    from projections.upcasting import upcast
+
+    try:
+        decoder = _event_decoders[type_]
+    except KeyError:
+        raise ValueError(f"unknown event type {type_!r} in the log") from None
+    return decoder.decode(upcast(type_, data))
+
+
+def recorded_from_row(row: asyncpg.Record) -> ev.Recorded:
+    """An ``events`` row (see ``read_stream``) -> :class:`engine.events.Recorded`."""
+    return ev.Recorded(
+        job_id=row["job_id"],
+        version=row["version"],
+        event=decode_event(row["type"], row["data"]),  # type: ignore[arg-type]
+        recorded_at=row["recorded_at"],
+        meta=_meta_decoder.decode(row["meta"]),
+        position=row["position"],
+        tx_id=row["tx_id"],
+    )
+
+
+def notification(
+    changes: Iterable[tuple[Job | None, Job]],
+) -> str | None:
+    """The one NOTIFY payload for a write, or ``None`` when nobody needs waking."""
+    ready: set[str] = set()
+    cancel: list[str] = []
+    done: list[str] = []
+    for old, new in changes:
+        if old is not None and old.status == new.status and old.run_at == new.run_at:
+            continue
+        if new.status == "queued" or new.status == "scheduled":
+            ready.add(new.queue)
+        elif new.status == "cancelling":
+            cancel.append(str(new.id))
+        elif new.status in ("completed", "failed", "cancelled"):
+            done.append(str(new.id))
+    if not (ready or cancel or done):
+        return None
+    payload: dict[str, Any] = {}
+    if ready:
+        payload["ready"] = sorted(ready)
+    if cancel:
+        payload["cancel"] = cancel if len(cancel) <= MAX_DONE_IDS else "*"
+    if done:
+        payload["done"] = done if len(done) <= MAX_DONE_IDS else "*"
+    return _encoder.encode(payload).decode()
+
+
+def _encode_batch(changes: Sequence[Change]) -> tuple[bytes, bytes]:
+    rows = _encoder.encode([c.state for c in changes])
+    evs = []
+    for c in changes:
+        r = c.recorded
+        evs.append(_EventRow(r.job_id, r.version, r.type, r.event, r.meta, r.recorded_at))
+    events = _encoder.encode(evs)
+    limit = LIMITS.max_event_bytes
+    if len(events) > limit * max(1, len(changes)) or (len(changes) == 1 and len(events) > limit):
+        raise PayloadTooLarge(f"the {changes[0].recorded.type} event", len(events), limit)
+    return rows, events
+
+
+async def append(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    changes: Sequence[Change],
+    *,
+    notify: str | None = None,
+) -> dict[UUID, int]:
+    """Append one event to each of several existing streams, with their new rows.
+
+    Returns ``{job_id: position}`` for the events stored; a job missing from
+    it was moved by another writer first and nothing was written for it.
+    """
+    if not changes:
+        return {}
+    rows, events = _encode_batch(changes)
+    try:
+        result = await conn.fetch(Q.append_events, msgspec.Raw(rows), msgspec.Raw(events), notify)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "events_stream_version":
+            # The row guard let it through but the log already has that
+            # version: the jobs row is behind its log. Treat as a conflict.
+            return {}
+        raise
+    return {r["job_id"]: r["position"] for r in result}
+
+
+async def create(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    changes: Sequence[Change],
+    *,
+    notify: str | None = None,
+) -> dict[UUID, int]:
+    """Start new streams (``job.submitted`` + first row) in one statement.
+
+    Returns ``{job_id: position}``; a job missing from it was skipped because
+    its idempotency key is taken.
+    """
+    if not changes:
+        return {}
+    rows, events = _encode_batch(changes)
+    result = await conn.fetch(Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify)
+    return {r["job_id"]: r["position"] for r in result}
+
+
+async def load(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> Job:
+    """The job's current row; raises :class:`JobNotFound`."""
+    doc = await conn.fetchval(Q.load_job, job_id)
+    if doc is None:
+        raise JobNotFound(job_id)
+    return decode_job(doc)
+
+
+async def load_many(
+    conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[UUID]
+) -> dict[UUID, Job]:
+    """The current rows of these jobs (missing ones are absent)."""
+    jobs = [decode_job(r[0]) for r in await conn.fetch(Q.load_jobs, list(ids))]
+    return {j.id: j for j in jobs}
+
+
+async def by_idempotency_keys(
+    conn: asyncpg.Connection | asyncpg.Pool, keys: Sequence[str]
+) -> dict[str, Job]:
+    """The jobs holding these idempotency keys."""
+    jobs = [decode_job(r[0]) for r in await conn.fetch(Q.jobs_by_idempotency_key, list(keys))]
+    return {j.idempotency_key: j for j in jobs if j.idempotency_key is not None}
+
+
+async def read_stream(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> list[ev.Recorded]:
+    """One job's events in version order (empty if the job has none)."""
+    return [recorded_from_row(r) for r in await conn.fetch(Q.read_stream, job_id)]
+
+
+def translate(exc: asyncpg.PostgresError) -> Exception:
+    """A driver error -> the jobledger error it means (or itself)."""
+    if exc.sqlstate == IMMUTABLE_SQLSTATE:
+        return ImmutableLog(str(exc))
+    return exc

@@ -1,0 +1,50 @@
+"""Upcasting: reading old event payloads as the current Structs.
+
+Events evolve by adding fields with defaults, which needs nothing here. When a
+payload's shape must change in another way (a field renamed or split), bump
+:data:`engine.events.SCHEMA_VERSION` and register an upcaster for the event
+type: a pure function from the old payload (a dict) to the new one. Stored
+events are never rewritten; they are upcast each time they are read.
+
+An event's schema version travels in its meta (``meta.schema``); payloads
+written before this mechanism carry none and count as version 1. Upcasters
+dispatch on the shape of the payload (the presence of an old field), so they
+are idempotent and safe to apply to any version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_UPCASTERS: dict[str, list[Upcaster]] = {}
+
+
+def upcaster(event_type: str) -> Callable[[Upcaster], Upcaster]:
+    """Register ``fn`` to rewrite old payloads of ``event_type`` when read."""
+
+    def register(fn: Upcaster) -> Upcaster:
+        _UPCASTERS.setdefault(event_type, []).append(fn)
+        return fn
+
+    return register
+
+
+def upcast(event_type: str, data: str | bytes) -> str | bytes:
+    """The payload of ``event_type`` in its current shape (unchanged when nothing applies)."""
+    fns = _UPCASTERS.get(event_type)
+    if not fns:
+        return data
+    payload = msgspec.json.decode(data)
+    for fn in fns:
+        payload = fn(payload)
+    return msgspec.json.encode(payload)
+
+
+def unregister(event_type: str, fn: Upcaster) -> None:
+    """Remove an upcaster (for tests that register their own)."""
+    _UPCASTERS.get(event_type, []).remove(fn)

@@ -1,0 +1,96 @@
+-- name: append_events
+-- Append one event to each of several existing streams and write each job's
+-- new row, in one statement. $1: the new rows (JSON array, computed by the
+-- reducer); $2: the events (job_id, version, type, data, meta, recorded_at);
+-- $3: a NOTIFY payload or NULL.
+--
+-- The UPDATE is guarded by the version the writer read (the new version - 1):
+-- a job that another writer moved first matches no row, so its event is not
+-- inserted and it is missing from the result. The UNIQUE (job_id, version)
+-- constraint on events is the second guard. At most one event per job.
+WITH s AS (
+    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+),
+moved AS (
+    UPDATE jobledger.jobs AS j
+    SET (version, operator, label, description, queue, status, priority, inputs, context,
+         tags, pinned, owner, parent_id, attempt, max_attempts, restart_policy,
+         retry_backoff, retry_backoff_max, run, run_at, timeout, progress, result, error,
+         artifacts, worker, run_link, status_reason, status_message, idempotency_key,
+         created_at, started_at, finished_at, updated_at, status_changed_at, deleted_at)
+      = (s.version, s.operator, s.label, s.description, s.queue, s.status, s.priority,
+         s.inputs, s.context, s.tags, s.pinned, s.owner, s.parent_id, s.attempt,
+         s.max_attempts, s.restart_policy, s.retry_backoff, s.retry_backoff_max, s.run,
+         s.run_at, s.timeout, s.progress, s.result, s.error, s.artifacts, s.worker,
+         s.run_link, s.status_reason, s.status_message, s.idempotency_key, s.created_at,
+         s.started_at, s.finished_at, s.updated_at, s.status_changed_at, s.deleted_at)
+    FROM s
+    WHERE j.id = s.id AND j.version = s.version - 1
+    RETURNING j.id
+),
+ins AS (
+    INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
+    SELECT e.job_id, e.version, e.type, e.data, e.meta, e.recorded_at
+    FROM jsonb_to_recordset($2::jsonb)
+         AS e(job_id uuid, version integer, type text, data jsonb, meta jsonb,
+              recorded_at timestamptz)
+    JOIN moved ON moved.id = e.job_id
+    RETURNING job_id, position
+)
+-- The uncorrelated sub-select runs once, and only if a row comes back.
+SELECT ins.job_id, ins.position,
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
+                              WHERE $3::text IS NOT NULL) AS n) AS notified
+FROM ins;
+
+-- name: create_streams
+-- Start new streams: insert each job's first row and its job.submitted event,
+-- in one statement. A job whose idempotency key is already taken is skipped
+-- (ON CONFLICT DO NOTHING) and missing from the result; the caller then reads
+-- the existing job by its key. $1 rows, $2 events, $3 NOTIFY payload or NULL.
+WITH created AS (
+    INSERT INTO jobledger.jobs
+    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+),
+ins AS (
+    INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
+    SELECT e.job_id, 1, e.type, e.data, e.meta, e.recorded_at
+    FROM jsonb_to_recordset($2::jsonb)
+         AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
+    JOIN created ON created.id = e.job_id
+    RETURNING job_id, position
+)
+SELECT ins.job_id, ins.position,
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
+                              WHERE $3::text IS NOT NULL) AS n) AS notified
+FROM ins;
+
+-- name: load_job
+-- One job's current row, as JSON for msgspec.
+SELECT to_json(j) FROM jobledger.jobs AS j WHERE j.id = $1;
+
+-- name: load_jobs
+-- Several jobs' current rows, as JSON for msgspec.
+SELECT to_json(j) FROM jobledger.jobs AS j WHERE j.id = ANY($1::uuid[]);
+
+-- name: jobs_by_idempotency_key
+-- The jobs holding these idempotency keys.
+SELECT to_json(j) FROM jobledger.jobs AS j WHERE j.idempotency_key = ANY($1::text[]);
+
+-- name: read_stream
+-- One job's events, in version order.
+SELECT position, job_id, version, type, data::text AS data, meta::text AS meta,
+       recorded_at, tx_id::text::bigint AS tx_id
+FROM jobledger.events
+WHERE job_id = $1
+ORDER BY version;
+
+-- name: read_streams
+-- Several jobs' events, by job then version.
+SELECT position, job_id, version, type, data::text AS data, meta::text AS meta,
+       recorded_at, tx_id::text::bigint AS tx_id
+FROM jobledger.events
+WHERE job_id = ANY($1::uuid[])
+ORDER BY job_id, version;

@@ -1,0 +1,348 @@
+"""The JobLedger API against a real database: submit, transitions, reads, audit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import msgspec
+import pytest
+
+from engine import (
+    ErrorInfo,
+    InvalidInputs,
+    InvalidTransition,
+    JobFailed,
+    JobLedger,
+    JobNotFound,
+    PayloadTooLarge,
+    UnknownOperator,
+    WaitTimeout,
+)
+from engine.store import LIMITS
+from tests.operators import ImportInputs, register_basic
+
+register_operators = register_basic
+
+
+async def test_submit_returns_the_stored_job(ledger: JobLedger) -> None:
+    job = await ledger.submit(
+        "dataset.import",
+        {"dataset": "cats"},
+        description="nightly import",
+        priority=5,
+        tags=["nightly", "cats"],
+        context={"dataset": "cats", "workspace": "ml"},
+        owner="ana",
+        actor="ana",
+        reason="schedule",
+    )
+    assert job.status == "queued"
+    assert job.label == "dataset.import"  # defaults to the operator
+    assert job.queue == "imports"  # the operator's default
+    assert job.max_attempts == 3 and job.timeout == 60
+    assert job.inputs == {"dataset": "cats", "rows": 100}  # validated, defaults filled
+    assert job.version == 1 and job.attempt == 0 and job.run == 1
+    stored = await ledger.get(job.id)
+    assert stored == job
+    [rec] = await ledger.history(job.id)
+    assert rec.type == "job.submitted" and rec.meta.actor == "ana" and rec.meta.reason == "schedule"
+    assert rec.recorded_at == job.created_at
+
+
+async def test_submit_accepts_the_input_struct(ledger: JobLedger) -> None:
+    job = await ledger.submit("dataset.import", ImportInputs(dataset="dogs", rows=7))
+    assert job.inputs == {"dataset": "dogs", "rows": 7}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "path", "detail"),
+    [
+        ({"dataset": 3}, "$.dataset", "Expected `str`, got `int`"),
+        ({"dataset": "x", "rows": "many"}, "$.rows", "Expected `int`, got `str`"),
+        ({}, None, "missing required field `dataset`"),
+        ({"dataset": "x", "colour": "red"}, None, "unknown field `colour`"),
+        ([1, 2], None, "Expected `object`, got `array`"),
+    ],
+)
+async def test_bad_inputs_name_the_field_and_store_nothing(
+    ledger: JobLedger, inputs: object, path: str | None, detail: str
+) -> None:
+    with pytest.raises(InvalidInputs) as err:
+        await ledger.submit("dataset.import", inputs)
+    assert err.value.path == path
+    assert detail in str(err.value)
+    assert "dataset.import" in str(err.value)
+    assert await ledger.count() == 0
+
+
+async def test_unknown_operator(ledger: JobLedger) -> None:
+    with pytest.raises(UnknownOperator, match="'nope'"):
+        await ledger.submit("nope")
+
+
+async def test_operator_published_elsewhere_can_be_submitted(ledger: JobLedger, db: str) -> None:
+    # A second process (here: a second ledger with no operators) submits to
+    # an operator that only the first one registered.
+    async with JobLedger(db) as client:
+        assert client.registry == {}
+        job = await client.submit("dataset.import", {"dataset": "remote"})
+        assert job.queue == "imports" and job.max_attempts == 3
+        names = [o.name for o in await client.operators()]
+        assert names == ["dataset.import", "noop"]
+        [imp] = [o for o in await client.operators() if o.name == "dataset.import"]
+        assert imp.input_schema["$defs"]["ImportInputs"]["required"] == ["dataset"]
+
+
+async def test_non_json_and_oversized_payloads(ledger: JobLedger, monkeypatch) -> None:
+    with pytest.raises(InvalidInputs, match="not JSON"):
+        await ledger.submit("noop", {"when": object()})
+    with pytest.raises(InvalidInputs, match="context are not JSON"):
+        await ledger.submit("noop", context={"s": {1, 2}.__iter__()})
+    monkeypatch.setattr(LIMITS, "max_event_bytes", 2000)
+    with pytest.raises(PayloadTooLarge, match="over the limit of 2000 bytes"):
+        await ledger.submit("noop", {"blob": "x" * 5000})
+    assert await ledger.count() == 0
+
+
+async def test_bad_submit_arguments(ledger: JobLedger) -> None:
+    with pytest.raises(ValueError, match="either run_at or delay"):
+        await ledger.submit("noop", delay=1, run_at=datetime.now(UTC))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await ledger.submit("noop", run_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="max_attempts"):
+        await ledger.submit("noop", max_attempts=0)
+    with pytest.raises(ValueError, match="restart_policy"):
+        await ledger.submit("noop", restart_policy="always")
+    assert await ledger.count() == 0
+
+
+async def test_delay_schedules_the_job(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop", delay=3600)
+    assert job.status == "scheduled"
+    assert job.run_at == job.created_at + timedelta(seconds=3600)
+
+
+async def test_idempotency_key_returns_the_first_job(ledger: JobLedger) -> None:
+    first = await ledger.submit("noop", idempotency_key="import-2026-11-22")
+    again = await ledger.submit("noop", idempotency_key="import-2026-11-22", label="other")
+    assert again == first
+    jobs = await ledger.submit_many(
+        [
+            {"operator": "noop", "idempotency_key": "import-2026-11-22"},
+            {"operator": "noop", "idempotency_key": "k2"},
+            {"operator": "noop", "idempotency_key": "k2"},
+        ]
+    )
+    assert jobs[0] == first and jobs[1].id == jobs[2].id
+    assert await ledger.count() == 2
+
+
+async def test_submit_many_keeps_order_and_is_all_or_nothing(ledger: JobLedger) -> None:
+    jobs = await ledger.submit_many(
+        [{"operator": "dataset.import", "inputs": {"dataset": f"d{i}"}} for i in range(50)]
+    )
+    assert [j.inputs["dataset"] for j in jobs] == [f"d{i}" for i in range(50)]
+    with pytest.raises(InvalidInputs, match=r"\$\.dataset"):
+        await ledger.submit_many(
+            [
+                {"operator": "dataset.import", "inputs": {"dataset": "ok"}},
+                {"operator": "dataset.import", "inputs": {"dataset": 1}},
+            ]
+        )
+    with pytest.raises(InvalidInputs, match="item 0"):
+        await ledger.submit_many([{"operator": "noop", "priority": "high"}])
+    assert await ledger.count() == 50
+
+
+async def test_get_unknown_and_malformed_ids(ledger: JobLedger) -> None:
+    with pytest.raises(JobNotFound, match="does not exist"):
+        await ledger.get(uuid4())
+    with pytest.raises(ValueError, match="not a job id"):
+        await ledger.get("not-a-uuid")
+    with pytest.raises(JobNotFound):
+        await ledger.cancel(uuid4())
+    with pytest.raises(JobNotFound):
+        await ledger.history(uuid4())
+
+
+async def test_external_executor_drives_a_job(ledger: JobLedger) -> None:
+    job = await ledger.submit("dataset.import", {"dataset": "cats"})
+    job = await ledger.mark_running(
+        job.id, worker="gpu-7", run_link="https://runs/42", actor="exec"
+    )
+    assert job.status == "running" and job.attempt == 1 and job.worker == "gpu-7"
+    assert job.run_link == "https://runs/42" and job.started_at is not None
+    for i, loss in enumerate([0.9, 0.4, 0.6]):
+        job = await ledger.report_progress(
+            job.id, fraction=(i + 1) / 4, message=f"epoch {i}", iteration=i, metrics={"loss": loss}
+        )
+    assert job.progress.fraction == 0.75 and job.progress.iteration == 2
+    stat = job.progress.metrics["loss"]
+    assert (stat.last, stat.min, stat.max) == (0.6, 0.4, 0.9)
+    job = await ledger.mark_completed(job.id, {"imported": 10})
+    assert job.status == "completed" and job.result == {"imported": 10}
+    assert job.finished_at >= job.started_at
+    points = await ledger.progress_history(job.id)
+    assert [p.message for p in points] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert points[-1].metric_stats["loss"].min == 0.4
+    types = [r.type for r in await ledger.history(job.id)]
+    assert types == ["job.submitted", "job.started", *["job.progress"] * 3, "job.completed"]
+
+
+async def test_result_is_checked_against_the_result_type(ledger: JobLedger) -> None:
+    job = await ledger.submit("dataset.import", {"dataset": "cats"})
+    await ledger.mark_running(job.id)
+    with pytest.raises(TypeError, match="invalid result"):
+        await ledger.mark_completed(job.id, {"imported": "lots"})
+    assert (await ledger.get(job.id)).status == "running"
+
+
+async def test_failure_with_retry_then_final_failure(ledger: JobLedger) -> None:
+    job = await ledger.submit("dataset.import", {"dataset": "cats"}, max_attempts=2)
+    await ledger.mark_running(job.id)
+    try:
+        raise ValueError("bad row 17")
+    except ValueError as exc:
+        job = await ledger.mark_failed(job.id, exc, retry=True, retry_delay=0)
+    assert job.status == "queued" and job.error.type == "ValueError"
+    assert "bad row 17" in job.error.traceback
+    await ledger.mark_running(job.id)
+    job = await ledger.mark_failed(job.id, "still bad", retry=True)
+    assert job.status == "failed" and job.attempt == 2  # attempts exhausted
+    with pytest.raises(JobFailed, match="ended failed: error: still bad"):
+        await ledger.wait(job.id, raise_for_status=True, timeout=1)
+    [run] = await ledger.runs(job.id)
+    assert [a.outcome for a in run.attempts] == ["retrying", "failed"]
+    assert run.outcome == "failed"
+
+
+async def test_invalid_transition_names_both_statuses(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    with pytest.raises(InvalidTransition) as err:
+        await ledger.mark_completed(job.id)
+    assert err.value.from_status == "queued" and err.value.to_status == "completed"
+    assert "'queued' to 'completed'" in str(err.value)
+    assert (await ledger.get(job.id)).version == 1  # nothing was written
+
+
+async def test_force_bypasses_the_lifecycle_and_is_recorded(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    job = await ledger.mark_completed(job.id, force=True, actor="admin", reason="done by hand")
+    assert job.status == "completed" and job.status_reason == "done by hand"
+    rec = (await ledger.history(job.id))[-1]
+    assert rec.meta.forced is True and rec.meta.actor == "admin"
+    ok = await ledger.set_label(job.id, "renamed", force=True)
+    assert (await ledger.history(ok.id))[-1].meta.forced is False  # allowed anyway
+
+
+async def test_expect_status_is_a_conditional_transition(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    assert await ledger.mark_running(job.id, expect_status="scheduled") is None
+    assert (await ledger.get(job.id)).version == 1
+    moved = await ledger.mark_running(job.id, expect_status=["queued", "scheduled"])
+    assert moved.status == "running"
+
+
+async def test_cancel_queued_and_running(ledger: JobLedger) -> None:
+    queued = await ledger.submit("noop")
+    assert (await ledger.cancel(queued.id, reason="not needed")).status == "cancelled"
+    running = await ledger.submit("noop")
+    await ledger.mark_running(running.id)
+    job = await ledger.cancel(running.id, actor="ops", message="stop it")
+    assert job.status == "cancelling" and job.status_message == "stop it"
+    assert (await ledger.cancel(running.id)).version == job.version  # idempotent
+    with pytest.raises(InvalidTransition):
+        await ledger.cancel(queued.id)  # already cancelled
+
+
+async def test_retry_and_rerun_start_new_runs(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    await ledger.mark_running(job.id)
+    await ledger.mark_failed(job.id, "boom")
+    job = await ledger.retry(job.id, actor="ops")
+    assert job.status == "queued" and job.run == 2 and job.attempt == 0 and job.error is None
+    await ledger.mark_running(job.id)
+    await ledger.mark_completed(job.id, "ok")
+    with pytest.raises(InvalidTransition):
+        await ledger.retry(job.id)  # only failed/cancelled jobs are retried
+    job = await ledger.rerun(job.id, delay=60)
+    assert job.status == "scheduled" and job.run == 3 and job.result is None
+    runs = await ledger.runs(job.id)
+    assert [(r.number, r.outcome, r.trigger) for r in runs] == [
+        (1, "failed", "submitted"),
+        (2, "completed", "retried"),
+        (3, None, "rerun"),
+    ]
+
+
+async def test_metadata_transitions(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop", tags=["a"], context={"dataset": "cats"})
+    await ledger.set_label(job.id, "Cats import", description="all the cats")
+    await ledger.set_pinned(job.id)
+    await ledger.add_tags(job.id, ["b", "c", "a"])
+    await ledger.remove_tags(job.id, "b")
+    await ledger.update_context(job.id, {"split": "train"}, remove=["dataset"])
+    job = await ledger.get(job.id)
+    assert (job.label, job.description, job.pinned) == ("Cats import", "all the cats", True)
+    assert job.tags == ["a", "c"] and job.context == {"split": "train"}
+    assert job.version == 6 and job.status == "queued"
+
+
+async def test_delete_is_a_tombstone(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    await ledger.delete(job.id, actor="ops", reason="cleanup")
+    with pytest.raises(JobNotFound, match="was deleted"):
+        await ledger.get(job.id)
+    assert (await ledger.get(job.id, include_deleted=True)).deleted
+    assert [r.type for r in await ledger.history(job.id)] == ["job.submitted", "job.deleted"]
+    assert await ledger.count() == 0 and await ledger.count(include_deleted=True) == 1
+    running = await ledger.submit("noop")
+    await ledger.mark_running(running.id)
+    with pytest.raises(InvalidTransition, match="'running'"):
+        await ledger.delete(running.id)
+
+
+async def test_delete_where_by_context(ledger: JobLedger) -> None:
+    cats = await ledger.submit_many(
+        [{"operator": "noop", "context": {"dataset": "cats"}} for _ in range(7)]
+    )
+    await ledger.submit_many([{"operator": "noop", "context": {"dataset": "dogs"}}] * 3)
+    await ledger.mark_running(cats[0].id)  # held by a worker: skipped
+    assert await ledger.delete_where(context={"dataset": "cats"}, actor="ops") == 6
+    assert await ledger.count(context={"dataset": "cats"}) == 1
+    assert await ledger.count(context={"dataset": "dogs"}) == 3
+    with pytest.raises(ValueError, match="at least one filter"):
+        await ledger.delete_where()
+
+
+async def test_wait_times_out_with_the_current_status(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    with pytest.raises(WaitTimeout, match="still 'queued'"):
+        await ledger.wait(job.id, timeout=0.2)
+
+
+async def test_wait_wakes_when_the_job_finishes(ledger: JobLedger) -> None:
+    import anyio
+
+    job = await ledger.submit("noop")
+    await ledger.mark_running(job.id)
+
+    async def finish() -> None:
+        await anyio.sleep(0.2)
+        await ledger.mark_completed(job.id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish)
+        with anyio.fail_after(5):
+            done = await ledger.wait(job.id, raise_for_status=True, poll_interval=30)
+    assert done.status == "completed"
+    assert (await ledger.wait(job.id, until="completed")).status == "completed"
+
+
+async def test_error_info_from_mapping(ledger: JobLedger) -> None:
+    job = await ledger.submit("noop")
+    await ledger.mark_running(job.id)
+    job = await ledger.mark_failed(job.id, {"type": "OOM", "message": "killed"})
+    assert job.error == ErrorInfo(type="OOM", message="killed")
+    assert msgspec.json.encode(job)  # a Job always encodes
