@@ -1,0 +1,113 @@
+"""list / count / iter_jobs: filters, ordering, offset and cursor paging."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from engine import JobLedger
+from tests.operators import register_basic
+
+register_operators = register_basic
+
+
+@pytest.fixture
+async def jobs(ledger: JobLedger):
+    specs = []
+    for i in range(30):
+        specs.append(
+            {
+                "operator": "dataset.import" if i % 3 else "noop",
+                "inputs": {"dataset": f"d{i % 5}"} if i % 3 else None,
+                "label": f"job {i:02d}" + (" 100% cats_x" if i == 7 else ""),
+                "description": "weekly refresh" if i % 10 == 0 else None,
+                "priority": i % 4,
+                "tags": ["even"] if i % 2 == 0 else ["odd", "gpu"],
+                "context": {"dataset": f"d{i % 5}", "split": "train" if i < 15 else "test"},
+                "owner": "ana" if i < 10 else "bo",
+            }
+        )
+    created = await ledger.submit_many(specs)
+    for j in created[:6]:
+        await ledger.mark_running(j.id)
+    await ledger.mark_completed(created[0].id)
+    await ledger.set_pinned(created[1].id)
+    return created
+
+
+async def test_filters(ledger: JobLedger, jobs) -> None:
+    assert await ledger.count() == 30
+    assert await ledger.count(status="running") == 5
+    assert await ledger.count(status=["running", "completed"]) == 6
+    assert await ledger.count(operator="noop") == 10
+    assert await ledger.count(operator="noop", status="queued") == 8
+    assert await ledger.count(queue="imports") == 20
+    assert await ledger.count(tags=["odd"]) == 15
+    assert await ledger.count(tags=["odd", "-gpu"]) == 0
+    assert await ledger.count(tags=["-even"]) == 15
+    assert await ledger.count(context={"dataset": "d1"}) == 6
+    assert await ledger.count(context={"dataset": ["d1", "d2"], "split": "train"}) == 6
+    assert await ledger.count(owner="ana") == 10
+    assert await ledger.count(pinned=True) == 1
+    assert await ledger.count(search="WEEKLY") == 3
+    assert await ledger.count(search="100%") == 1  # % is literal, not a wildcard
+    assert await ledger.count(search="s_x") == 1
+    assert await ledger.count(search="0_") == 0
+    assert await ledger.count(ids=[jobs[0].id, jobs[1].id]) == 2
+    assert await ledger.count(started_after=jobs[0].created_at) == 6
+    assert await ledger.count(finished_before=datetime.now(UTC) + timedelta(1)) == 1
+    assert await ledger.count(created_after=datetime.now(UTC) + timedelta(1)) == 0
+
+
+async def test_parent_filter(ledger: JobLedger, jobs) -> None:
+    child = await ledger.submit("noop", parent_id=jobs[3].id)
+    assert [j.id for j in await ledger.list(parent_id=jobs[3].id)] == [child.id]
+
+
+async def test_ordering_and_offset(ledger: JobLedger, jobs) -> None:
+    newest = await ledger.list(limit=3)
+    assert [j.id for j in newest] == [j.id for j in reversed(jobs)][:3]
+    by_prio = await ledger.list(order_by=["-priority", "label"], limit=30)
+    assert [(j.priority, j.label) for j in by_prio] == sorted(
+        ((j.priority, j.label) for j in jobs), key=lambda t: (-t[0], t[1])
+    )
+    second = await ledger.list(order_by="label", limit=5, offset=5)
+    assert [j.label[:6] for j in second] == [f"job {i:02d}" for i in range(5, 10)]
+
+
+@pytest.mark.parametrize("order", ["-created_at", "label", ["-priority", "label"], "finished_at"])
+async def test_cursor_paging_visits_every_job_once(ledger: JobLedger, jobs, order) -> None:
+    seen = []
+    cursor = None
+    while True:
+        page = await ledger.page(order_by=order, limit=7, cursor=cursor)
+        seen += page.jobs
+        if page.cursor is None:
+            break
+        cursor = page.cursor
+    assert sorted(j.id for j in seen) == sorted(j.id for j in jobs)
+    assert [j.id for j in seen] == [j.id for j in await ledger.list(order_by=order, limit=100)]
+    streamed = [j.id async for j in ledger.iter_jobs(order_by=order, page_size=4)]
+    assert streamed == [j.id for j in seen]
+
+
+async def test_bad_filters_are_clear_errors(ledger: JobLedger, jobs) -> None:
+    with pytest.raises(ValueError, match=r"unknown job filter 'colour'; valid filters: .*status"):
+        await ledger.list(colour="red")
+    with pytest.raises(ValueError, match="cannot order jobs by 'inputs'"):
+        await ledger.list(order_by="-inputs")
+    with pytest.raises(ValueError, match="unknown status 'done'"):
+        await ledger.count(status="done")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await ledger.count(created_after=datetime(2020, 1, 1))
+    with pytest.raises(ValueError, match="invalid cursor"):
+        await ledger.page(cursor="garbage!")
+    page = await ledger.page(order_by="label", limit=2)
+    with pytest.raises(ValueError, match="made for order"):
+        await ledger.page(order_by="-label", cursor=page.cursor)
+    with pytest.raises(ValueError, match="limit"):
+        await ledger.list(limit=0)
+    # Injection attempts are values, never SQL.
+    assert await ledger.count(operator="noop' OR '1'='1") == 0
+    assert await ledger.count(context={"x') OR true --": 1}) == 0

@@ -1,0 +1,148 @@
+"""Property tests: any sequence of API calls keeps the jobs table equal to the log's replay."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import InvalidTransition, JobLedger, JobNotFound
+from engine import events as ev
+from projections.job_state import Job, apply, replay
+from projections.replay import verify_jobs
+from tests.operators import register_basic
+
+register_operators = register_basic
+
+name = st.text(alphabet="abcxyz", min_size=1, max_size=4)
+OPS = st.sampled_from(
+    [
+        "mark_running",
+        "progress",
+        "complete",
+        "fail",
+        "fail_retry",
+        "cancel",
+        "retry",
+        "rerun",
+        "label",
+        "pin",
+        "tag",
+        "untag",
+        "context",
+        "delete",
+    ]
+)
+calls = st.lists(st.tuples(OPS, st.booleans(), name, st.floats(0, 1)), max_size=12)
+
+
+async def _call(ledger: JobLedger, job_id, op: str, force: bool, word: str, x: float) -> None:
+    how = {"force": force, "actor": word, "reason": f"because {word}"}
+    match op:
+        case "mark_running":
+            await ledger.mark_running(job_id, worker=word, **how)
+        case "progress":
+            await ledger.report_progress(job_id, fraction=x, metrics={word: x}, **how)
+        case "complete":
+            await ledger.mark_completed(job_id, {"imported": len(word)}, **how)
+        case "fail":
+            await ledger.mark_failed(job_id, word, **how)
+        case "fail_retry":
+            await ledger.mark_failed(job_id, word, retry=True, retry_delay=x, **how)
+        case "cancel":
+            await ledger.cancel(job_id, **how)
+        case "retry":
+            await ledger.retry(job_id, **how)
+        case "rerun":
+            await ledger.rerun(job_id, delay=x, **how)
+        case "label":
+            await ledger.set_label(job_id, word, **how)
+        case "pin":
+            await ledger.set_pinned(job_id, x > 0.5, **how)
+        case "tag":
+            await ledger.add_tags(job_id, [word], **how)
+        case "untag":
+            await ledger.remove_tags(job_id, [word], **how)
+        case "context":
+            await ledger.update_context(job_id, {word: x}, remove=["a"], **how)
+        case "delete":
+            await ledger.delete(job_id, **how)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(script=calls)
+async def test_any_call_sequence_keeps_table_equal_to_replay(
+    ledger: JobLedger, script: list[tuple[str, bool, str, float]]
+) -> None:
+    job = await ledger.submit("dataset.import", {"dataset": "p"}, max_attempts=3)
+    for op, force, word, x in script:
+        try:
+            await _call(ledger, job.id, op, force, word, x)
+        except InvalidTransition:
+            assert not force
+        except JobNotFound:
+            pass  # deleted earlier in the script
+    history = await ledger.history(job.id)
+    stored = await ledger.get(job.id, include_deleted=True)
+    assert replay(history) == stored
+    assert [r.version for r in history] == list(range(1, len(history) + 1))
+    assert await verify_jobs(ledger.pool) == []
+
+
+# -- the pure reducer ----------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+events = st.sampled_from(
+    [
+        ev.Started(worker="w"),
+        ev.Progressed(fraction=0.5, metrics={"m": 1.0}),
+        ev.Progressed(metrics={"m": -2.0, "n": 3.5}),
+        ev.Completed(result={"ok": True}),
+        ev.Failed(error=ev.ErrorInfo(type="E", message="m")),
+        ev.Abandoned(worker="w"),
+        ev.CancelRequested(),
+        ev.Cancelled(),
+        ev.Retried(),
+        ev.Rerun(),
+        ev.Labelled(label="l"),
+        ev.Pinned(pinned=True),
+        ev.Tagged(add=("a", "b"), remove=("c",)),
+        ev.ContextUpdated(set={"k": [1, 2]}, unset=("x",)),
+        ev.ArtifactAdded(artifact=ev.Artifact(key="k", uri="s3://b/k", size=3)),
+        ev.Deleted(),
+    ]
+)
+
+
+def _records(seq: list[ev.Event]) -> list[ev.Recorded]:
+    from datetime import timedelta
+    from uuid import UUID
+
+    jid = UUID(int=1)
+    first = ev.Submitted(operator="op", label="op", tags=("c",), context={"x": 1})
+    return [
+        ev.Recorded(job_id=jid, version=i + 1, event=e, recorded_at=T0 + timedelta(seconds=i))
+        for i, e in enumerate([first, *seq])
+    ]
+
+
+@given(st.lists(events, max_size=30), st.integers(0, 30))
+def test_folding_in_two_halves_equals_folding_once(seq: list[ev.Event], cut: int) -> None:
+    recs = _records(seq)
+    whole = replay(recs)
+    assert replay(recs[cut:], replay(recs[:cut])) == whole
+
+
+@given(st.lists(events, max_size=30))
+def test_every_state_survives_the_table_round_trip(seq: list[ev.Event]) -> None:
+    state: Job | None = None
+    for rec in _records(seq):
+        state = apply(state, rec)
+        assert msgspec.json.decode(msgspec.json.encode(state), type=Job) == state
+        assert state.version == rec.version and state.updated_at == rec.recorded_at
