@@ -455,6 +455,8 @@ class JobLedger:
         stored = await store.create(
             self.pool, changes, notify=store.notification((None, c.state) for c in changes)
         )
+        if len(stored) == len(changes):
+            return [c.state for c in changes]
         missing = [c.state.idempotency_key for c in changes if c.state.id not in stored]
         existing = await store.by_idempotency_keys(self.pool, [k for k in missing if k])
         out = []

@@ -41,51 +41,54 @@ class Progress(msgspec.Struct, frozen=True, omit_defaults=True):
     reported_at: datetime | None = None
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A job as its events made it: one row of the ``jobs`` table.
 
     ``attempt`` counts the attempts started in the current run; ``run`` counts
     runs (a manual retry or a rerun starts a new one). ``version`` is the
     number of events applied.
+
+    Only fields that may be ``None`` have a default (``None``), so encoding
+    leaves them out: the ``jobs`` table reads a missing key as NULL.
     """
 
     id: UUID
     version: int
     operator: str
     label: str
-    description: str | None
+    description: str | None = None
     queue: str
     status: Status
     priority: int
-    inputs: Any
+    inputs: Any = None
     context: dict[str, Any]
     tags: list[str]
     pinned: bool
-    owner: str | None
-    parent_id: UUID | None
+    owner: str | None = None
+    parent_id: UUID | None = None
     attempt: int
     max_attempts: int
     restart_policy: str
     retry_backoff: float
     retry_backoff_max: float
     run: int
-    run_at: datetime | None
-    timeout: float | None
-    progress: Progress | None
-    result: Any
-    error: ev.ErrorInfo | None
+    run_at: datetime | None = None
+    timeout: float | None = None
+    progress: Progress | None = None
+    result: Any = None
+    error: ev.ErrorInfo | None = None
     artifacts: list[ev.Artifact]
-    worker: str | None
-    run_link: str | None
-    status_reason: str | None
-    status_message: str | None
-    idempotency_key: str | None
+    worker: str | None = None
+    run_link: str | None = None
+    status_reason: str | None = None
+    status_message: str | None = None
+    idempotency_key: str | None = None
     created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     updated_at: datetime
     status_changed_at: datetime
-    deleted_at: datetime | None
+    deleted_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:

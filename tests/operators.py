@@ -31,3 +31,8 @@ def register_basic(ledger: JobLedger) -> None:
     @ledger.operator("noop")
     async def noop(ctx) -> None:
         """Do nothing."""
+
+
+app = JobLedger()
+"""An application ledger for ``jobledger --app tests.operators:app`` (DSN from the environment)."""
+register_basic(app)

@@ -1,0 +1,1 @@
+"""jobledger benchmarks: ``python -m bench`` (see bench/README in RESULTS.md)."""

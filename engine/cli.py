@@ -1,0 +1,463 @@
+"""The ``jobledger`` command line.
+
+Every command connects with ``--dsn`` / ``JOBLEDGER_DSN``, or the embedded
+server in ``--home`` / ``JOBLEDGER_HOME``. ``--app module:attr`` imports an
+application's ``JobLedger`` so its operators are registered (input validation,
+workers). Errors end with one line on stderr: exit code 2 for bad usage or bad
+input, 1 for a missing job, a refused transition or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import anyio
+import msgspec
+import structlog
+from rich.console import Console
+
+from engine import render
+from engine.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    InvalidInputs,
+    JobLedgerError,
+    PayloadTooLarge,
+    UnknownOperator,
+)
+from engine.ledger import JobLedger
+from engine.lifecycle import Status
+
+Command = Callable[[JobLedger, argparse.Namespace, Console], Awaitable[int]]
+COMMANDS: dict[str, Command] = {}
+USAGE_ERRORS = (InvalidInputs, PayloadTooLarge, UnknownOperator, ConfigurationError, ValueError)
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register ``fn`` as the implementation of ``jobledger NAME``."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+# -- argument helpers ----------------------------------------------------------
+
+
+def json_arg(text: str) -> Any:
+    """A JSON value from the command line (``@file`` reads a file)."""
+    try:
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                return json.load(f)
+        return json.loads(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at char {exc.pos})") from exc
+
+
+def time_arg(text: str) -> datetime:
+    """An ISO-8601 time (UTC when no offset is given), or ``now``."""
+    if text == "now":
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is JSON when it parses, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def csv_list(text: str) -> list[str]:
+    """``a,b,c`` -> ``["a", "b", "c"]``."""
+    return [p for p in (s.strip() for s in text.split(",")) if p]
+
+
+def status_list(text: str) -> list[str]:
+    """Comma-separated statuses, checked."""
+    values = csv_list(text)
+    for v in values:
+        if v not in Status.__members__.values():
+            raise argparse.ArgumentTypeError(
+                f"unknown status {v!r} (statuses: {', '.join(s.value for s in Status)})"
+            )
+    return values
+
+
+def filters_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The job filters given as flags."""
+    f: dict[str, Any] = {}
+    for name in ("operator", "queue", "owner"):
+        if getattr(args, name, None):
+            f[name] = getattr(args, name)
+    if getattr(args, "status", None):
+        f["status"] = [s for group in args.status for s in group]
+    tags = list(getattr(args, "tag", None) or [])
+    tags += [f"-{t}" for t in getattr(args, "no_tag", None) or []]
+    if tags:
+        f["tags"] = tags
+    if getattr(args, "context", None):
+        ctx: dict[str, list[Any]] = {}
+        for k, v in args.context:
+            ctx.setdefault(k, []).append(v)
+        f["context"] = {k: v[0] if len(v) == 1 else v for k, v in ctx.items()}
+    for name in ("parent", "search", "pinned"):
+        value = getattr(args, name, None)
+        if value is not None:
+            f["parent_id" if name == "parent" else name] = value
+    if getattr(args, "since", None):
+        f["created_after"] = args.since
+    if getattr(args, "until", None):
+        f["created_before"] = args.until
+    if getattr(args, "include_deleted", False):
+        f["include_deleted"] = True
+    return f
+
+
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    """The job filter flags shared by ls and delete."""
+    g = p.add_argument_group("filters")
+    g.add_argument("--status", type=status_list, action="append", help="status[,status...]")
+    g.add_argument("--operator", type=csv_list, help="operator[,operator...]")
+    g.add_argument("--queue", type=csv_list, help="queue[,queue...]")
+    g.add_argument("--owner", type=csv_list)
+    g.add_argument("--tag", action="append", help="must carry this tag (repeatable)")
+    g.add_argument("--no-tag", action="append", help="must not carry this tag (repeatable)")
+    g.add_argument("--context", type=key_value, action="append", metavar="KEY=VALUE")
+    g.add_argument("--parent", metavar="JOB")
+    g.add_argument("--search", help="text in label or description")
+    g.add_argument("--pinned", action="store_true", default=None)
+    g.add_argument("--since", type=time_arg, help="created at or after (ISO time)")
+    g.add_argument("--until", type=time_arg, help="created before (ISO time)")
+    g.add_argument("--include-deleted", action="store_true")
+
+
+def how(args: argparse.Namespace) -> dict[str, Any]:
+    """The audit fields and transition options given as flags."""
+    out: dict[str, Any] = {"actor": args.actor}
+    for name in ("reason", "message", "force"):
+        value = getattr(args, name, None)
+        if value:
+            out[name] = value
+    if getattr(args, "expect_status", None):
+        out["expect_status"] = args.expect_status
+    return out
+
+
+def add_how_flags(p: argparse.ArgumentParser, *, conditional: bool = True) -> None:
+    """--reason, --message, --force, --expect-status."""
+    p.add_argument("--reason", help="why (kept in the audit trail)")
+    p.add_argument("--message", help="a longer note (kept in the audit trail)")
+    p.add_argument("--force", action="store_true", help="bypass the lifecycle (recorded)")
+    if conditional:
+        p.add_argument(
+            "--expect-status", type=status_list, help="only if the job is in this status"
+        )
+
+
+# -- commands ------------------------------------------------------------------
+
+
+@command("migrate")
+async def cmd_migrate(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Apply pending migrations (done by opening the ledger)."""
+    from engine.sqlfiles import migrations
+
+    console.print(f"database is at migration {migrations()[-1].version:03d}")
+    return 0
+
+
+@command("submit")
+async def cmd_submit(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Submit one job."""
+    job = await ledger.submit(
+        args.operator,
+        args.inputs,
+        label=args.label,
+        description=args.description,
+        queue=args.queue,
+        priority=args.priority,
+        delay=args.delay,
+        run_at=args.run_at,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+        tags=args.tag or (),
+        context=dict(args.context or []),
+        owner=args.owner,
+        parent_id=args.parent,
+        idempotency_key=args.idempotency_key,
+        actor=args.actor,
+        reason=args.reason,
+    )
+    if args.json:
+        print(msgspec.json.encode(job).decode())
+    else:
+        console.print(f"submitted {job.id} ({job.operator}, {job.status})")
+    return 0
+
+
+@command("ls")
+async def cmd_ls(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """List jobs."""
+    page = await ledger.page(
+        order_by=args.order or None,
+        limit=args.limit,
+        offset=args.offset,
+        cursor=args.cursor,
+        **filters_from(args),
+    )
+    if args.json:
+        print(msgspec.json.encode({"jobs": page.jobs, "cursor": page.cursor}).decode())
+        return 0
+    console.print(render.jobs_table(page.jobs))
+    total = await ledger.count(**filters_from(args))
+    more = f"; next page: --cursor {page.cursor}" if page.cursor else ""
+    console.print(f"{len(page.jobs)} of {total} jobs{more}", style="dim")
+    return 0
+
+
+@command("show")
+async def cmd_show(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """A job's state and the timeline of its events."""
+    from projections.history import steps
+    from projections.replay import diff
+
+    job = await ledger.get(args.job, include_deleted=True)
+    events = await ledger.history(job.id)
+    if args.json:
+        print(msgspec.json.encode({"job": job, "events": events}).decode())
+        return 0
+    rows = []
+    prev = None
+    for rec, state in steps(events):
+        rows.append((rec, diff(prev, state)))
+        prev = state
+    render.show_job(console, job, rows)
+    return 0
+
+
+def _transition_command(name: str, method: str, doc: str, **fixed: Any) -> None:
+    async def run(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+        extra = dict(fixed)
+        if name == "label":
+            extra.update(label=args.label, description=args.description)
+        if name in ("retry", "rerun") and args.delay is not None:
+            extra["delay"] = args.delay
+        job = await getattr(ledger, method)(args.job, **extra, **how(args))
+        if job is None:
+            console.print(f"no change: job {args.job} is not {'/'.join(args.expect_status)}")
+            return 1
+        console.print(f"{job.id}: {job.status} (version {job.version})")
+        return 0
+
+    run.__doc__ = doc
+    COMMANDS[name] = run
+
+
+_transition_command("cancel", "cancel", "Cancel a job (a running one goes to cancelling).")
+_transition_command("retry", "retry", "Send a failed or cancelled job back to the queue.")
+_transition_command("rerun", "rerun", "Run a finished job again, as a new run.")
+_transition_command("label", "set_label", "Change a job's label.")
+_transition_command("pin", "set_pinned", "Pin a job.", pinned=True)
+_transition_command("unpin", "set_pinned", "Unpin a job.", pinned=False)
+
+
+@command("delete")
+async def cmd_delete(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Delete one job, or every job matching filters."""
+    if args.job:
+        job = await ledger.delete(args.job, **how(args))
+        if job is None:
+            console.print(f"no change: job {args.job} is not {'/'.join(args.expect_status)}")
+            return 1
+        console.print(f"{job.id}: deleted")
+        return 0
+    flt = filters_from(args)
+    if not flt:
+        raise UsageError("give a job id or at least one filter (e.g. --context dataset=cats)")
+    n = await ledger.delete_where(actor=args.actor, reason=args.reason, force=args.force, **flt)
+    console.print(f"deleted {n} jobs")
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"jobledger: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jobledger`` argument parser."""
+    parser = _Parser(prog="jobledger", description="jobledger: jobs as an immutable event log")
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $JOBLEDGER_DSN, else embedded)")
+    parser.add_argument(
+        "--home", help="embedded server home (default: $JOBLEDGER_HOME or ./.jobledger)"
+    )
+    parser.add_argument(
+        "--app",
+        default=os.environ.get("JOBLEDGER_APP"),
+        help="module:attr of your JobLedger (registers its operators: input validation, workers)",
+    )
+    parser.add_argument("--actor", default=_default_actor(), help="who you are (audit trail)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("migrate", help="apply pending migrations")
+
+    p = sub.add_parser("submit", help="submit a job")
+    p.add_argument("operator")
+    p.add_argument(
+        "inputs", nargs="?", type=json_arg, default=None, help="JSON inputs (or @file.json)"
+    )
+    p.add_argument("--label")
+    p.add_argument("--description")
+    p.add_argument("--queue")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--delay", type=float, help="seconds")
+    p.add_argument("--run-at", type=time_arg)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--tag", action="append")
+    p.add_argument("--context", type=key_value, action="append", metavar="KEY=VALUE")
+    p.add_argument("--owner")
+    p.add_argument("--parent", metavar="JOB")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--reason")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    p = sub.add_parser("ls", help="list jobs")
+    add_filter_flags(p)
+    p.add_argument("--order", action="append", help="field, -field for descending (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--cursor")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="a job's state and event timeline")
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true")
+
+    for name, help_ in (
+        ("cancel", "cancel a job"),
+        ("retry", "retry a failed or cancelled job"),
+        ("rerun", "rerun a finished job"),
+        ("pin", "pin a job"),
+        ("unpin", "unpin a job"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job")
+        add_how_flags(p)
+        if name in ("retry", "rerun"):
+            p.add_argument("--delay", type=float, help="seconds before it runs")
+
+    p = sub.add_parser("label", help="change a job's label")
+    p.add_argument("job")
+    p.add_argument("label")
+    p.add_argument("--description")
+    add_how_flags(p)
+
+    p = sub.add_parser("delete", help="delete a job, or all jobs matching filters")
+    p.add_argument("job", nargs="?")
+    add_filter_flags(p)
+    add_how_flags(p)
+
+    for extend in _EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+_EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+def _default_actor() -> str:
+    try:
+        return os.environ.get("JOBLEDGER_ACTOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+def load_app(spec: str | None, dsn: str | None, home: str | None) -> JobLedger:
+    """The application's JobLedger (``module:attr``), or a plain one."""
+    if not spec:
+        return JobLedger(dsn, home=home)
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import --app module {module_name!r}: {exc}") from exc
+    ledger = getattr(module, attr or "ledger", None)
+    if not isinstance(ledger, JobLedger):
+        raise UsageError(f"--app {spec!r} is not a JobLedger")
+    if dsn:
+        ledger._dsn_arg = dsn
+    if home:
+        ledger._home = home
+    return ledger
+
+
+def configure_logging(level: str = "warning") -> None:
+    """Structured logs on stderr at ``level`` and above."""
+    import logging
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    ledger = load_app(args.app, args.dsn, args.home)
+    console = render.console()
+    async with ledger:
+        return await COMMANDS[args.command](ledger, args, console)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jobledger`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in ("worker", "demo"):
+        configure_logging(os.environ.get("JOBLEDGER_LOG_LEVEL", "warning"))
+    try:
+        return anyio.run(_run, args)
+    except (UsageError, *USAGE_ERRORS) as exc:
+        _fail(exc, 2)
+    except (JobLedgerError, DatabaseUnavailable) as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(exc: BaseException, code: int) -> NoReturn:
+    print(f"jobledger: error: {exc}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Terminal rendering for the CLI (rich): job tables, job cards, timelines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from engine.events import Recorded
+from projections.job_state import Job
+
+STATUS_STYLE = {
+    "scheduled": "cyan",
+    "queued": "blue",
+    "running": "yellow",
+    "cancelling": "magenta",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "dim",
+}
+
+
+def status_text(status: str) -> Text:
+    """A status, coloured."""
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def when(value: datetime | None) -> str:
+    """A timestamp for humans (UTC, to the millisecond)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else "-"
+
+
+def short(value: Any, width: int = 60) -> str:
+    """A value as compact JSON, cut to ``width``."""
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def jobs_table(jobs: Sequence[Job], *, title: str | None = None) -> Table:
+    """A table of jobs, one row each."""
+    table = Table(title=title, header_style="bold", expand=False)
+    columns = (
+        "id",
+        "label",
+        "operator",
+        "queue",
+        "status",
+        "att",
+        "progress",
+        "created",
+        "updated",
+    )
+    for col in columns:
+        table.add_column(col, no_wrap=col in ("id", "created", "updated"))
+    for j in jobs:
+        frac = j.progress.fraction if j.progress else None
+        table.add_row(
+            str(j.id),
+            j.label + (" 📌" if j.pinned else ""),
+            j.operator,
+            j.queue,
+            status_text(j.status),
+            f"{j.attempt}/{j.max_attempts}" + (f" r{j.run}" if j.run > 1 else ""),
+            "-" if frac is None else f"{frac:.0%}",
+            when(j.created_at),
+            when(j.updated_at),
+        )
+    return table
+
+
+def job_card(job: Job) -> Panel:
+    """Every field of one job."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for name in job.__struct_fields__:
+        value = getattr(job, name)
+        if value is None or value == [] or value == {}:
+            continue
+        if name == "status":
+            grid.add_row(name, status_text(value))
+        elif isinstance(value, datetime):
+            grid.add_row(name, when(value))
+        elif isinstance(value, str | int | float | bool) or name == "id":
+            grid.add_row(name, str(value))
+        else:
+            grid.add_row(name, short(msgspec.to_builtins(value), 100))
+    return Panel(grid, title=f"{job.label} · {job.id}", title_align="left")
+
+
+QUIET_FIELDS = frozenset(
+    {"version", "updated_at", "status_changed_at", "status_reason", "status_message"}
+)
+"""Fields every status change touches; the timeline shows them in other columns."""
+
+
+def console() -> Console:
+    """A console: the terminal's width, or a wide one when output is piped."""
+    c = Console()
+    return c if c.is_terminal else Console(width=200)
+
+
+def timeline(steps: Iterable[tuple[Recorded, dict[str, tuple[Any, Any]]]]) -> Table:
+    """Each event with who, why, when, and the fields it changed."""
+    table = Table(header_style="bold", expand=False)
+    for col in ("v", "time", "event", "actor", "reason", "changed"):
+        table.add_column(col, overflow="fold")
+    for rec, changes in steps:
+        if rec.version == 1:
+            payload = msgspec.to_builtins(rec.event)
+            payload.pop("type", None)
+            changed = ", ".join(f"{k}={short(v, 30)}" for k, v in payload.items())
+        else:
+            shown = {k: v for k, v in changes.items() if k not in QUIET_FIELDS}
+            changed = ", ".join(
+                f"{k}: {short(_plain(a), 20)} → {short(_plain(b), 30)}"
+                for k, (a, b) in shown.items()
+            )
+        who = rec.meta.actor or rec.meta.worker or "-"
+        why = " ".join(x for x in (rec.meta.reason, rec.meta.message) if x) or "-"
+        if rec.meta.forced:
+            why = f"[FORCED] {why}"
+        table.add_row(str(rec.version), when(rec.recorded_at), rec.type, who, why, changed)
+    return table
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return when(value)
+    return msgspec.to_builtins(value) if value is not None else None
+
+
+def show_job(console: Console, job: Job, steps: Sequence[tuple[Recorded, dict[str, Any]]]) -> None:
+    """A job card followed by its timeline."""
+    console.print(Group(job_card(job), timeline(steps)))
