@@ -32,7 +32,7 @@ import random
 import socket
 import time
 import traceback as tb
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,6 +65,7 @@ from engine.operators import (
     to_json_value,
 )
 from engine.postgres import create_pool, migrate, resolve_dsn
+from engine.retry import retry_at
 from engine.sqlfiles import Q
 from engine.store import Change
 from projections import history as hist
@@ -677,6 +678,38 @@ class JobLedger:
             raise JobFailed(job)
         return job
 
+    # -- running -----------------------------------------------------------------
+
+    async def run_worker(self, *, handle_signals: bool = True, **options: Any) -> None:
+        """Run a :class:`engine.worker.Worker` until it stops (burst) or a signal arrives.
+
+        ``options`` are the Worker's (queues, concurrency, burst, limit, ...).
+        The first SIGINT/SIGTERM stops claiming and gives running handlers the
+        grace period; a second one cancels them at once.
+        """
+        from engine.worker import Worker
+
+        worker = Worker(self, **options)
+        async with anyio.create_task_group() as tg:
+            if handle_signals:
+                tg.start_soon(_stop_on_signals, worker)
+            await worker.run()
+            tg.cancel_scope.cancel()
+
+    async def execute(self, job_id: UUID | str, **options: Any) -> Job:
+        """Run one queued job in this process now (its operator must be registered here).
+
+        Returns the job's state afterwards. The job is claimed like a worker
+        would claim it, so no worker can run it at the same time.
+        """
+        from engine.worker import Worker
+
+        job = await self.get(job_id)
+        if job.operator not in self._registry:
+            raise UnknownOperator(job.operator)
+        worker = Worker(self, operators=[job.operator], register=False, **options)
+        return await worker.execute(job.id)
+
     # -- transitions -----------------------------------------------------------
 
     def make_change(
@@ -821,12 +854,8 @@ class JobLedger:
         info_ = error_info(error)
 
         def build(job: Job) -> ev.Event:
-            at = utcnow()
-            retry_at = None
-            if retry and may_retry(job):
-                delay = retry_delay if retry_delay is not None else backoff_delay(job)
-                retry_at = at + timedelta(seconds=delay)
-            return ev.Failed(error=info_, retry_at=retry_at)
+            when = retry_at(job, utcnow(), delay=retry_delay) if retry else None
+            return ev.Failed(error=info_, retry_at=when)
 
         return await self.transition(job_id, build, **how)
 
@@ -978,6 +1007,21 @@ class JobLedger:
         return done
 
 
+async def _stop_on_signals(worker: Any) -> None:
+    import signal
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if worker._stopping.is_set():
+                log.warning("worker_shutdown_forced", signal=signal.Signals(signum).name)
+                worker.shutdown_grace = 0
+                for hold in list(worker.holds.values()):
+                    hold.cancel("shutdown")
+            else:
+                log.info("worker_shutdown_requested", signal=signal.Signals(signum).name)
+                worker.stop()
+
+
 def _spec(index: int, value: Mapping[str, Any]) -> JobSpec:
     try:
         return msgspec.convert(dict(value), JobSpec)
@@ -1014,17 +1058,3 @@ def progress_event(
         iteration=iteration,
         metrics=clean,
     )
-
-
-def may_retry(job: Job) -> bool:
-    """Whether the job's policy allows another attempt in this run."""
-    return job.restart_policy == "on_error" and job.attempt < job.max_attempts
-
-
-def backoff_delay(job: Job, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**(attempt-1))]."""
-    cap = min(job.retry_backoff_max, job.retry_backoff * 2 ** max(0, job.attempt - 1))
-    return (rng or random).uniform(cap / 2, cap)
-
-
-Waitable = Awaitable[Job]

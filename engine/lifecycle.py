@@ -58,7 +58,9 @@ ALLOWED_FROM: dict[str, frozenset[Status]] = {
     "job.failed": ACTIVE,
     "job.abandoned": ACTIVE,
     "job.cancel_requested": frozenset({S.RUNNING}),
-    "job.cancelled": READY | {S.CANCELLING},
+    # From running: the handler itself gave up (raise Cancel) or its worker
+    # ended it; a cancel *request* goes through cancelling.
+    "job.cancelled": READY | ACTIVE,
     "job.retried": frozenset({S.FAILED, S.CANCELLED}),
     "job.rerun": TERMINAL,
     "job.labelled": ALL,

@@ -1,0 +1,280 @@
+"""Writes by the worker that holds a job: fenced, and batched.
+
+A worker that claimed a job holds one *attempt* of it: a :class:`Hold` names
+the worker, the run and the attempt. Every write it makes for the job
+(progress, artifacts, the outcome) is version-guarded like any other. When the
+guard trips, the worker reloads the job and asks one question: **is this still
+my attempt?** — same worker, same run, same attempt, status running or
+cancelling. If so (someone only requested cancellation, or changed a label),
+it re-applies its event to the new state. If not, the job was rescued,
+forced or deleted under it: the write is refused, logged as
+``job_write_refused``, and the handler is cancelled. This is the fence that
+keeps a worker that was paused or partitioned, and then came back, from
+completing a job that another worker now owns.
+
+A write whose reply was lost (the connection dropped after the commit) is
+recognised by its correlation id: the holder reads the event at the version it
+tried to write, and if that event is its own, the write landed.
+
+Outcomes of many jobs are written together: :class:`Completer` collects them
+for a few milliseconds (or until ``max_batch``) and appends them in one
+statement, as River's batch completer does. Each caller still gets its own
+answer (the new state, or ``None`` when fenced).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+import msgspec
+import structlog
+
+from engine import events as ev
+from engine import lifecycle, store
+from engine.sqlfiles import Q
+from engine.store import Change
+from projections.job_state import Job
+
+if TYPE_CHECKING:
+    from engine.ledger import JobLedger
+
+log = structlog.get_logger("jobledger.worker")
+
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    TimeoutError,
+)
+"""Errors that mean "the database connection failed", not "the write was refused"."""
+
+
+@dataclass(eq=False)
+class Hold:
+    """A worker's hold on one attempt of a job, and the latest state it knows."""
+
+    state: Job
+    worker: str
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    scope: anyio.CancelScope | None = None
+    cancel_reason: str | None = None  # "requested", "shutdown" or "lost"
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.run = self.state.run
+        self.attempt = self.state.attempt
+
+    def owns(self, job: Job) -> bool:
+        """Whether ``job`` is still this hold's attempt."""
+        return (
+            job.status in lifecycle.ACTIVE
+            and not job.deleted
+            and job.worker == self.worker
+            and job.run == self.run
+            and job.attempt == self.attempt
+        )
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the handler (the first reason given wins)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+@dataclass(eq=False)
+class _Pending:
+    hold: Hold
+    event: ev.Event
+    reason: str | None
+    message: str | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Job | None = None
+    error: BaseException | None = None
+
+
+class Completer:
+    """A service that writes held jobs' events in batches, fenced by ownership."""
+
+    def __init__(
+        self,
+        ledger: JobLedger,
+        worker: str,
+        *,
+        flush_interval: float = 0.002,
+        max_batch: int = 500,
+        retry_for: float = 300.0,
+    ) -> None:
+        self.ledger = ledger
+        self.worker = worker
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.retry_for = retry_for
+        self._queue: list[_Pending] = []
+        self._wake = anyio.Event()
+        self.refused = 0
+
+    async def write(
+        self,
+        hold: Hold,
+        event: ev.Event,
+        *,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> Job | None:
+        """Append ``event`` for ``hold``; the new state, or ``None`` when fenced off."""
+        item = _Pending(hold, event, reason, message)
+        self._queue.append(item)
+        self._wake.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Flush batches until cancelled (then flush what is left, shielded)."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await anyio.sleep(self.flush_interval)
+                while self._queue:
+                    batch, self._queue = (
+                        self._queue[: self.max_batch],
+                        self._queue[self.max_batch :],
+                    )
+                    await self._flush(batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                while self._queue:
+                    batch, self._queue = (
+                        self._queue[: self.max_batch],
+                        self._queue[self.max_batch :],
+                    )
+                    await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        by_job: dict[Any, list[_Pending]] = {}
+        for item in batch:
+            by_job.setdefault(item.hold.state.id, []).append(item)
+        # One event per job per statement; a job's further events go after.
+        first = [items[0] for items in by_job.values()]
+        rest = [i for items in by_job.values() for i in items[1:]]
+        await self._write_many(first)
+        for item in rest:
+            await self._write_many([item])
+
+    async def _write_many(self, items: list[_Pending]) -> None:
+        pending: list[tuple[_Pending, Change, str]] = []
+        for item in items:
+            try:
+                change, cid = self._change(item)
+            except Exception as exc:  # a lifecycle or encoding error belongs to that caller
+                item.error = exc
+                item.done.set()
+                continue
+            pending.append((item, change, cid))
+        if not pending:
+            return
+        try:
+            stored = await store.append(
+                self.ledger.pool,
+                [c for _, c, _ in pending],
+                notify=store.notification((i.hold.state, c.state) for i, c, _ in pending),
+            )
+        except DB_ERRORS as exc:
+            log.warning(
+                "job_write_interrupted", error=str(exc) or type(exc).__name__, jobs=len(pending)
+            )
+            stored = {}
+        for item, change, cid in pending:
+            if change.state.id in stored:
+                item.hold.state = change.state
+                item.result = change.state
+                item.done.set()
+            else:
+                await self._resolve(item, change, cid)
+
+    def _change(self, item: _Pending) -> tuple[Change, str]:
+        cid = uuid.uuid4().hex
+        change = self.ledger.make_change(
+            item.hold.state,
+            item.event,
+            actor=f"worker:{self.worker}",
+            reason=item.reason,
+            message=item.message,
+            worker=self.worker,
+        )
+        meta = msgspec.structs.replace(change.recorded.meta, correlation_id=cid)
+        rec = msgspec.structs.replace(change.recorded, meta=meta)
+        return Change(change.state, rec), cid
+
+    async def _resolve(self, item: _Pending, change: Change, cid: str) -> None:
+        """The batch write did not land for this job: find out why, then retry or refuse."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                if await self._landed(change, cid):
+                    item.hold.state = change.state
+                    item.result = change.state
+                    break
+                current = await store.load(self.ledger.pool, change.state.id)
+                if not item.hold.owns(current):
+                    self.refused += 1
+                    log.warning(
+                        "job_write_refused",
+                        job_id=str(current.id),
+                        event=item.event.tag,
+                        status=current.status,
+                        held_attempt=item.hold.attempt,
+                        current_attempt=current.attempt,
+                        current_worker=current.worker,
+                    )
+                    item.hold.cancel("lost")
+                    break
+                item.hold.state = current
+                change, cid = self._change(item)
+                stored = await store.append(
+                    self.ledger.pool,
+                    [change],
+                    notify=store.notification([(current, change.state)]),
+                )
+                if stored:
+                    item.hold.state = change.state
+                    item.result = change.state
+                    break
+            except DB_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    item.error = exc
+                    break
+                log.warning(
+                    "job_write_retry",
+                    job_id=str(change.state.id),
+                    error=str(exc) or type(exc).__name__,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:  # e.g. the event no longer applies: that caller's error
+                item.error = exc
+                break
+        item.done.set()
+
+    async def _landed(self, change: Change, cid: str) -> bool:
+        row = await self.ledger.pool.fetchrow(
+            Q.event_at_version, change.state.id, change.state.version
+        )
+        if row is None:
+            return False
+        meta = msgspec.json.decode(row["meta"])
+        return meta.get("correlation_id") == cid

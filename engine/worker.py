@@ -1,0 +1,397 @@
+"""The worker: claims jobs, runs their handlers, records what happened.
+
+A :class:`Worker` is a service with one anyio task group holding:
+
+* the **claim loop**: claims ready jobs in batches sized to its free slots
+  (``SELECT ... FOR UPDATE SKIP LOCKED`` on the ``jobs_ready`` index, then
+  ``job.started`` appended for each in the same transaction, computed by the
+  reducer). It sleeps until a NOTIFY says its queues got work, the next
+  scheduled job is due, or ``poll_interval`` passes (``listen=False`` on the
+  ledger turns NOTIFY off, e.g. behind PgBouncer in transaction mode);
+* one **task per running job**, bounded by ``concurrency``, each inside its own
+  cancel scope;
+* the **heartbeat**: updates the worker's row, learns which of its jobs were
+  asked to cancel (the path that works without NOTIFY), and flushes coalesced
+  progress;
+* the **rescuer** (:mod:`engine.rescuer`), one pass per ``rescue_interval``;
+* the **completer** (:mod:`engine.completer`): every write for a held job goes
+  through it, batched and fenced.
+
+Outcomes: a handler's return value (checked against the operator's result
+type) completes the job; an exception fails the attempt and schedules a retry
+when the policy allows (exponential backoff with jitter); ``RetryAfter(delay)``
+retries after that delay; ``Cancel(reason)`` cancels the job; exceeding the
+job's ``timeout`` fails the attempt with error type ``timeout``; inputs that
+no longer decode fail the job with ``InvalidInputs`` and no retry.
+
+Cancellation: ``ledger.cancel()`` of a running job moves it to ``cancelling``
+and notifies; the worker cancels that handler's scope and records
+``job.cancelled``.
+
+Shutdown is two-phase: :meth:`Worker.stop` stops claiming and lets running
+handlers finish for ``shutdown_grace`` seconds; then they are cancelled and
+recorded as interrupted (``job.failed``, error type ``interrupted``, requeued
+at once). Final writes run shielded, with their own timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import anyio
+import structlog
+
+from engine import events as ev
+from engine import lifecycle, store
+from engine.completer import DB_ERRORS, Completer, Hold
+from engine.context import JobContext
+from engine.errors import Cancel, InvalidInputs, JobNotFound, RetryAfter
+from engine.notifications import Notice
+from engine.rescuer import rescue
+from engine.retry import retry_at
+from engine.sqlfiles import Q
+
+if TYPE_CHECKING:
+    from engine.ledger import JobLedger
+    from projections.job_state import Job
+
+log = structlog.get_logger("jobledger.worker")
+
+
+class Worker:
+    """Runs the handlers of a ledger's registered operators.
+
+    ``queues``: the queues to claim from (default: the queues of the registered
+    operators). ``operators``: restrict to these operators. ``concurrency``:
+    handlers running at once. ``burst``: exit when no claimable job is left
+    (``limit``: after at most that many jobs). ``context``: only jobs whose
+    context contains these key/values (burst filters).
+    """
+
+    def __init__(
+        self,
+        ledger: JobLedger,
+        *,
+        queues: Iterable[str] | None = None,
+        operators: Iterable[str] | None = None,
+        concurrency: int = 10,
+        burst: bool = False,
+        limit: int | None = None,
+        context: Mapping[str, Any] | None = None,
+        poll_interval: float = 1.0,
+        heartbeat_interval: float = 2.0,
+        rescue_after: float = 30.0,
+        rescue_interval: float | None = None,
+        shutdown_grace: float = 30.0,
+        final_write_timeout: float = 30.0,
+        progress_interval: float = 0.5,
+        register: bool = True,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        registry = ledger.registry
+        names = list(operators) if operators is not None else list(registry)
+        unknown = [n for n in names if n not in registry]
+        if unknown:
+            raise ValueError(f"operators not registered in this process: {', '.join(unknown)}")
+        if not names:
+            raise ValueError("the worker has no operators: register some with @ledger.operator")
+        self.ledger = ledger
+        self.operators = sorted(names)
+        self.queues = sorted(set(queues) if queues else {registry[n].queue for n in names})
+        self.concurrency = concurrency
+        self.burst = burst
+        self.limit = limit
+        self.context = dict(context) if context else None
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.rescue_after = rescue_after
+        self.rescue_interval = rescue_interval or max(heartbeat_interval, rescue_after / 4)
+        self.shutdown_grace = shutdown_grace
+        self.final_write_timeout = final_write_timeout
+        self.progress_interval = progress_interval
+        self.register = register
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.completer = Completer(ledger, self.id)
+        self.holds: dict[UUID, Hold] = {}
+        self.contexts: dict[UUID, JobContext] = {}
+        self.claimed = 0
+        self._stopping = anyio.Event()
+        self._wake = anyio.Event()
+        self._slot_freed = anyio.Event()
+        self.log = log.bind(worker=self.id)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; running handlers get ``shutdown_grace`` seconds to finish."""
+        if not self._stopping.is_set():
+            self.log.info("worker_stopping", running=len(self.holds))
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until :meth:`stop` (or, in burst mode, until no claimable job is left)."""
+        if self.register:
+            await self.ledger.pool.execute(
+                Q.register_worker,
+                self.id,
+                socket.gethostname(),
+                os.getpid(),
+                self.queues,
+                self.operators,
+                self.concurrency,
+            )
+        listener = await self.ledger.listener()
+        self.log.info(
+            "worker_started",
+            queues=self.queues,
+            operators=self.operators,
+            concurrency=self.concurrency,
+            notify=listener is not None,
+        )
+        try:
+            async with anyio.create_task_group() as services:
+                await services.start(self.completer.run)
+                if self.register:
+                    services.start_soon(self._heartbeat_loop)
+                    services.start_soon(self._rescue_loop)
+                with listener.subscribe(self._on_notice) if listener else contextlib.nullcontext():
+                    task_status.started()
+                    async with anyio.create_task_group() as jobs:
+                        await self._claim_loop(jobs)
+                        await self._drain(jobs)
+                services.cancel_scope.cancel()
+        finally:
+            if self.register:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*DB_ERRORS):
+                    with anyio.fail_after(5):
+                        await self.ledger.pool.execute(Q.worker_stopped, self.id)
+            self.log.info("worker_stopped", claimed=self.claimed, refused=self.completer.refused)
+
+    async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
+        """Phase two of shutdown: wait out the grace period, then cancel what still runs."""
+        with anyio.move_on_after(self.shutdown_grace if self._stopping.is_set() else math.inf):
+            while self.holds:
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+        for hold in list(self.holds.values()):
+            hold.cancel("shutdown")
+
+    # -- claiming ------------------------------------------------------------
+
+    async def _claim_loop(self, jobs: anyio.abc.TaskGroup) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self.holds)
+            if self.limit is not None:
+                free = min(free, self.limit - self.claimed)
+                if free <= 0 and self.claimed >= self.limit:
+                    return
+            if free <= 0:
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+                continue
+            self._wake = anyio.Event()
+            try:
+                holds = await self._claim(free)
+                delay = 0.1
+            except DB_ERRORS as exc:
+                self.log.warning("claim_failed", error=str(exc) or type(exc).__name__)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for hold in holds:
+                self.holds[hold.state.id] = hold
+                jobs.start_soon(self._run_job, hold)
+            if len(holds) == free:
+                continue  # there may be more ready right now
+            if self.burst and not holds:
+                if not self.holds:
+                    return
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+                continue
+            await self._idle()
+
+    async def _idle(self) -> None:
+        timeout = self.poll_interval
+        with contextlib.suppress(*DB_ERRORS):
+            due = await self.ledger.pool.fetchval(Q.next_due, self.queues, self.operators)
+            if due is not None:
+                from engine.ledger import utcnow
+
+                timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+        with anyio.move_on_after(timeout):
+            await self._wake.wait()
+
+    async def _claim(self, n: int) -> list[Hold]:
+        from engine.ledger import utcnow
+
+        now = utcnow()
+        async with self.ledger.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(Q.claim_jobs, self.queues, self.operators, n, now, self.context)
+            if not rows:
+                return []
+            states = [store.decode_job(r[0]) for r in rows]
+            changes = [
+                self.ledger.make_change(
+                    s, ev.Started(worker=self.id), actor=f"worker:{self.id}", worker=self.id, at=now
+                )
+                for s in states
+            ]
+            stored = await store.append(conn, changes)
+        self.claimed += len(stored)
+        return [Hold(c.state, self.id) for c in changes if c.state.id in stored]
+
+    # -- running -------------------------------------------------------------
+
+    async def _run_job(self, hold: Hold) -> None:
+        job = hold.state
+        ctx = JobContext(hold, self.completer, progress_interval=self.progress_interval)
+        self.contexts[job.id] = ctx
+        log_ = ctx.logger.bind(worker=self.id)
+        log_.info("job_started")
+        try:
+            outcome, reason = await self._call_handler(hold, ctx)
+            if outcome is None:
+                return
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.final_write_timeout):
+                if ctx.has_pending and hold.cancel_reason != "lost":
+                    await ctx.flush()
+                if hold.cancel_reason == "lost":
+                    return
+                async with hold.lock:
+                    new = await self.completer.write(hold, outcome, reason=reason)
+                if new is not None:
+                    final = new.status in lifecycle.TERMINAL
+                    log_.info(
+                        f"job_{new.status}" if final else "job_retry_scheduled",
+                        duration_ms=round((time.monotonic() - hold.started) * 1000),
+                        error=new.error.type if new.error and new.status != "completed" else None,
+                        retry_at=None if final else new.run_at.isoformat(),
+                    )
+        except Exception as exc:  # a failed outcome write must not take the worker down
+            log_.error("job_outcome_not_recorded", error=repr(exc))
+        finally:
+            self.holds.pop(job.id, None)
+            self.contexts.pop(job.id, None)
+            self._slot_freed.set()
+
+    async def _call_handler(
+        self, hold: Hold, ctx: JobContext
+    ) -> tuple[ev.Event | None, str | None]:
+        from engine.ledger import error_info, utcnow
+
+        job = hold.state
+        op = self.ledger.registry[job.operator]
+        with anyio.CancelScope() as scope:
+            hold.scope = scope
+            if hold.cancel_reason is not None:
+                scope.cancel()
+            try:
+                inputs = op.decode_inputs(job.inputs) if op.takes_inputs else None
+                with anyio.move_on_after(job.timeout if job.timeout else math.inf) as deadline:
+                    result = await (op.handler(ctx, inputs) if op.takes_inputs else op.handler(ctx))
+                if deadline.cancelled_caught:
+                    error = ev.ErrorInfo(
+                        type="timeout", message=f"exceeded its timeout of {job.timeout:g}s"
+                    )
+                    return ev.Failed(error=error, retry_at=retry_at(hold.state, utcnow())), None
+                return ev.Completed(result=op.encode_result(result)), None
+            except InvalidInputs as exc:
+                return ev.Failed(error=error_info(exc)), "inputs do not decode"
+            except RetryAfter as exc:
+                when = retry_at(hold.state, utcnow(), delay=exc.delay)
+                return ev.Failed(error=error_info(exc), retry_at=when), "handler asked to retry"
+            except Cancel as exc:
+                return ev.Cancelled(), exc.reason or "cancelled by its handler"
+            except Exception as exc:  # the handler's failure is the job's outcome
+                return ev.Failed(
+                    error=error_info(exc), retry_at=retry_at(hold.state, utcnow())
+                ), None
+        # The scope was cancelled from outside: by a cancel request, shutdown or a lost hold.
+        match hold.cancel_reason:
+            case "requested":
+                return ev.Cancelled(), None
+            case "shutdown":
+                error = ev.ErrorInfo(type="interrupted", message="the worker shut down")
+                return ev.Failed(error=error, retry_at=utcnow()), "worker shutdown"
+        return None, None
+
+    # -- notifications, heartbeats, rescue -----------------------------------
+
+    def _on_notice(self, notice: Notice) -> None:
+        if notice.reconnected or set(notice.ready) & set(self.queues):
+            self._wake.set()
+        ids = notice.cancel_ids()
+        if ids is None:
+            self._wake.set()  # the heartbeat pass finds which of ours to cancel
+            return
+        for key in ids:
+            hold = self.holds.get(UUID(key))
+            if hold is not None:
+                self.log.info("job_cancel_delivered", job_id=key, via="notify")
+                hold.cancel("requested")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, len(self.holds))
+                for row in rows:
+                    hold = self.holds.get(row[0])
+                    if hold is not None and hold.cancel_reason is None:
+                        self.log.info("job_cancel_delivered", job_id=str(row[0]), via="heartbeat")
+                        hold.cancel("requested")
+            except DB_ERRORS as exc:
+                self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
+            for ctx in list(self.contexts.values()):
+                if ctx.has_pending:
+                    with contextlib.suppress(*DB_ERRORS):
+                        await ctx.flush()
+            await anyio.sleep(self.heartbeat_interval)
+
+    async def _rescue_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.rescue_interval)
+            try:
+                await rescue(self.ledger, rescue_after=self.rescue_after)
+            except DB_ERRORS as exc:
+                self.log.warning("rescue_failed", error=str(exc) or type(exc).__name__)
+
+    # -- one job, in process ---------------------------------------------------
+
+    async def execute(self, job_id: UUID | str) -> Job:
+        """Claim one queued job and run it in this process now; return its final state."""
+        from engine.ledger import as_job_id
+
+        jid = as_job_id(job_id)
+        started = await self.ledger.transition(
+            jid,
+            lambda _: ev.Started(worker=self.id),
+            expect_status=sorted(lifecycle.READY),
+            actor=f"worker:{self.id}",
+            worker=self.id,
+        )
+        if started is None:
+            current = await self.ledger.get(jid)
+            raise ValueError(f"job {jid} is {current.status}, not queued or scheduled")
+        if started.operator not in self.ledger.registry:
+            raise JobNotFound(jid)  # pragma: no cover - checked by the caller
+        hold = Hold(started, self.id)
+        self.holds[jid] = hold
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.completer.run)
+            await self._run_job(hold)
+            tg.cancel_scope.cancel()
+        return await self.ledger.get(jid, include_deleted=True)
