@@ -3,6 +3,7 @@
 The public surface is re-exported here; everything else is implementation.
 """
 
+from engine.context import JobContext
 from engine.errors import (
     Cancel,
     ConcurrencyConflict,
@@ -23,6 +24,7 @@ from engine.events import Artifact, ErrorInfo, Meta, Recorded
 from engine.ledger import JobLedger, JobSpec, Page
 from engine.lifecycle import Status
 from engine.operators import Operator, OperatorInfo
+from engine.worker import Worker
 from projections.history import Attempt, ProgressPoint, Run
 from projections.job_state import Job, MetricStat, Progress
 
@@ -38,6 +40,7 @@ __all__ = [
     "InvalidInputs",
     "InvalidTransition",
     "Job",
+    "JobContext",
     "JobFailed",
     "JobLedger",
     "JobLedgerError",
@@ -57,4 +60,5 @@ __all__ = [
     "Status",
     "UnknownOperator",
     "WaitTimeout",
+    "Worker",
 ]

@@ -10,6 +10,7 @@ input, 1 for a missing job, a refused transition or an unreachable server.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import importlib
 import json
@@ -32,6 +33,7 @@ from engine.errors import (
     JobLedgerError,
     PayloadTooLarge,
     UnknownOperator,
+    WaitTimeout,
 )
 from engine.ledger import JobLedger
 from engine.lifecycle import Status
@@ -305,6 +307,100 @@ async def cmd_delete(ledger: JobLedger, args: argparse.Namespace, console: Conso
     return 0
 
 
+@command("worker")
+async def cmd_worker(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Run a worker for the --app's operators until SIGINT/SIGTERM (or, with --burst, done)."""
+    if not ledger.registry:
+        raise UsageError("the worker has no operators: pass --app module:ledger")
+    await ledger.run_worker(
+        queues=args.queues,
+        operators=args.operator,
+        concurrency=args.concurrency,
+        burst=args.burst,
+        limit=args.limit,
+        context=dict(args.context) if args.context else None,
+        heartbeat_interval=args.heartbeat,
+        rescue_after=args.rescue_after,
+        shutdown_grace=args.grace,
+        poll_interval=args.poll,
+    )
+    return 0
+
+
+@command("workers")
+async def cmd_workers(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Live workers and their last heartbeat (--all: stopped ones too)."""
+    from engine.sqlfiles import Q
+
+    rows = await ledger.pool.fetch(Q.list_workers, args.all)
+    if args.json:
+        print(json.dumps([dict(r) for r in rows], default=str))
+        return 0
+    console.print(render.workers_table(rows))
+    return 0
+
+
+@command("operators")
+async def cmd_operators(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Every operator published by any process, with its queue and input schema."""
+    ops = await ledger.operators()
+    if args.json:
+        print(msgspec.json.encode(ops).decode())
+        return 0
+    console.print(render.operators_table(ops))
+    return 0
+
+
+@command("wait")
+async def cmd_wait(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Wait for a job to finish, with a progress bar fed by its progress events."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    job = await ledger.get(args.job)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]} [dim]{task.fields[note]}"),
+        console=console,
+        transient=False,
+    )
+    targets = args.until or None
+    with bar:
+        task = bar.add_task(job.label, total=1.0, status=job.status, note="")
+        with anyio.move_on_after(args.timeout if args.timeout else float("inf")) as scope:
+            while True:
+                frac = job.progress.fraction if job.progress and job.progress.fraction else 0.0
+                note = job.progress.message if job.progress and job.progress.message else ""
+                done = job.status in (targets or ("completed", "failed", "cancelled"))
+                bar.update(
+                    task,
+                    completed=1.0 if job.status == "completed" else frac,
+                    status=job.status,
+                    note=note,
+                )
+                if done:
+                    break
+                with contextlib.suppress(WaitTimeout):
+                    job = await ledger.wait(job.id, until=targets, timeout=0.25)
+                job = await ledger.get(job.id)
+    if scope.cancelled_caught:
+        console.print(f"still {job.status} after {args.timeout:g}s")
+        return 1
+    if job.error and job.status != "completed":
+        console.print(f"{job.status}: {job.error.type}: {job.error.message}")
+    return 0 if job.status == "completed" or targets else 1
+
+
+@command("demo")
+async def cmd_demo(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Start a worker, run a realistic mix of jobs with live progress, print their histories."""
+    from examples.demo import run_demo
+
+    return await run_demo(console, ledger)
+
+
 # -- the parser ----------------------------------------------------------------
 
 
@@ -387,12 +483,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_filter_flags(p)
     add_how_flags(p)
 
-    for extend in _EXTENSIONS:
-        extend(sub)
+    p = sub.add_parser("worker", help="run a worker for --app's operators")
+    p.add_argument("--queues", type=csv_list, help="queues to claim from (default: the operators')")
+    p.add_argument("--operator", type=csv_list, help="only these operators")
+    p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument("--burst", action="store_true", help="exit when no claimable job is left")
+    p.add_argument("--limit", type=int, help="with --burst: run at most N jobs")
+    p.add_argument("--context", type=key_value, action="append", metavar="KEY=VALUE")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    p.add_argument("--rescue-after", type=float, default=30.0, help="seconds of silence = dead")
+    p.add_argument("--grace", type=float, default=30.0, help="shutdown grace period (seconds)")
+    p.add_argument("--poll", type=float, default=1.0, help="poll interval (seconds)")
+
+    p = sub.add_parser("workers", help="list workers and their last heartbeat")
+    p.add_argument("--all", action="store_true", help="include stopped workers")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("operators", help="list operators published by any process")
+    p.add_argument("--json", action="store_true", help="with full JSON Schemas")
+
+    p = sub.add_parser("wait", help="wait for a job, with a progress bar")
+    p.add_argument("job")
+    p.add_argument("--until", type=status_list, help="status[,status] (default: terminal)")
+    p.add_argument("--timeout", type=float, help="seconds")
+
+    sub.add_parser("demo", help="run the demo (worker + jobs + live progress + history)")
     return parser
-
-
-_EXTENSIONS: list[Callable[[Any], None]] = []
 
 
 def _default_actor() -> str:
@@ -432,6 +548,8 @@ def configure_logging(level: str = "warning") -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo" and not args.app:
+        args.app = "examples.demo_app:ledger"
     ledger = load_app(args.app, args.dsn, args.home)
     console = render.console()
     async with ledger:
@@ -442,8 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jobledger`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("worker", "demo"):
-        configure_logging(os.environ.get("JOBLEDGER_LOG_LEVEL", "warning"))
+    default_level = "info" if args.command == "worker" else "warning"
+    configure_logging(os.environ.get("JOBLEDGER_LOG_LEVEL", default_level))
     try:
         return anyio.run(_run, args)
     except (UsageError, *USAGE_ERRORS) as exc:

@@ -118,16 +118,30 @@ def timeline(steps: Iterable[tuple[Recorded, dict[str, tuple[Any, Any]]]]) -> Ta
             changed = ", ".join(f"{k}={short(v, 30)}" for k, v in payload.items())
         else:
             shown = {k: v for k, v in changes.items() if k not in QUIET_FIELDS}
-            changed = ", ".join(
-                f"{k}: {short(_plain(a), 20)} → {short(_plain(b), 30)}"
-                for k, (a, b) in shown.items()
-            )
+            parts = []
+            for k, (a, b) in shown.items():
+                if k == "progress" and b is not None:
+                    parts.append(f"progress: {progress_text(b)}")
+                else:
+                    parts.append(f"{k}: {short(_plain(a), 20)} → {short(_plain(b), 30)}")
+            changed = ", ".join(parts)
         who = rec.meta.actor or rec.meta.worker or "-"
         why = " ".join(x for x in (rec.meta.reason, rec.meta.message) if x) or "-"
         if rec.meta.forced:
             why = f"[FORCED] {why}"
         table.add_row(str(rec.version), when(rec.recorded_at), rec.type, who, why, changed)
     return table
+
+
+def progress_text(p: Any) -> str:
+    """Progress in a few words: 45% · epoch 9 · loss=0.031."""
+    bits = []
+    if p.fraction is not None:
+        bits.append(f"{p.fraction:.0%}")
+    if p.message:
+        bits.append(p.message)
+    bits += [f"{k}={v.last:.4g}" for k, v in p.metrics.items()]
+    return " · ".join(bits) or "-"
 
 
 def _plain(value: Any) -> Any:
@@ -139,3 +153,46 @@ def _plain(value: Any) -> Any:
 def show_job(console: Console, job: Job, steps: Sequence[tuple[Recorded, dict[str, Any]]]) -> None:
     """A job card followed by its timeline."""
     console.print(Group(job_card(job), timeline(steps)))
+
+
+def workers_table(rows: Sequence[Any]) -> Table:
+    """Workers: where, what, and how recently they were heard from."""
+    table = Table(header_style="bold")
+    for col in ("worker", "queues", "concurrency", "running", "started", "last heartbeat", "state"):
+        table.add_column(col)
+    for r in rows:
+        silent = r["silent_for"].total_seconds()
+        state = "stopped" if r["stopped_at"] else ("alive" if silent < 30 else "silent")
+        table.add_row(
+            r["id"],
+            ",".join(r["queues"]),
+            str(r["concurrency"]),
+            str(r["running"]),
+            when(r["started_at"]),
+            f"{when(r['last_heartbeat'])} ({silent:.0f}s ago)",
+            Text(state, style={"alive": "green", "silent": "red"}.get(state, "dim")),
+        )
+    return table
+
+
+def operators_table(ops: Sequence[Any]) -> Table:
+    """Operators: queue, retry and timeout defaults, input fields."""
+    table = Table(header_style="bold")
+    for col in ("operator", "queue", "attempts", "timeout", "inputs", "published by"):
+        table.add_column(col)
+    for o in ops:
+        fields = "-"
+        schema = o.input_schema or {}
+        ref = schema.get("$ref", "").rsplit("/", 1)[-1]
+        props = schema.get("$defs", {}).get(ref, schema).get("properties")
+        if props:
+            fields = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in props.items())
+        table.add_row(
+            o.name,
+            o.queue,
+            str(o.max_attempts),
+            "-" if o.timeout is None else f"{o.timeout:g}s",
+            fields,
+            o.published_by or "-",
+        )
+    return table

@@ -1,0 +1,1 @@
+"""Example applications for jobledger (the demo's operators live here)."""
