@@ -49,6 +49,9 @@ DB_ERRORS = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # Raised by asyncpg on a connection killed in the middle of an operation
+    # ("cannot switch to state N; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     TimeoutError,
@@ -153,7 +156,7 @@ class Completer:
                         self._queue[: self.max_batch],
                         self._queue[self.max_batch :],
                     )
-                    await self._flush(batch)
+                    await self._flush_safely(batch)
         finally:
             with anyio.CancelScope(shield=True):
                 while self._queue:
@@ -161,7 +164,18 @@ class Completer:
                         self._queue[: self.max_batch],
                         self._queue[self.max_batch :],
                     )
-                    await self._flush(batch)
+                    await self._flush_safely(batch)
+
+    async def _flush_safely(self, batch: list[_Pending]) -> None:
+        """Flush; an unexpected error fails that batch's callers, never the service."""
+        try:
+            await self._flush(batch)
+        except Exception as exc:  # the service must outlive any one batch
+            log.error("completer_batch_failed", error=repr(exc), jobs=len(batch))
+            for item in batch:
+                if not item.done.is_set():
+                    item.error = exc
+                    item.done.set()
 
     async def _flush(self, batch: list[_Pending]) -> None:
         by_job: dict[Any, list[_Pending]] = {}
@@ -235,7 +249,7 @@ class Completer:
                     log.warning(
                         "job_write_refused",
                         job_id=str(current.id),
-                        event=item.event.tag,
+                        event_type=item.event.tag,
                         status=current.status,
                         held_attempt=item.hold.attempt,
                         current_attempt=current.attempt,

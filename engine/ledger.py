@@ -185,7 +185,8 @@ class JobLedger:
     embedded server is started in ``home`` (else ``JOBLEDGER_HOME``, default
     ``./.jobledger``). ``actor`` is the default actor recorded on events this
     process writes. ``listen=False`` turns LISTEN/NOTIFY off (for PgBouncer in
-    transaction mode): waits and workers then poll.
+    transaction mode): waits and workers then poll. ``application_name``
+    labels this process's connections in ``pg_stat_activity``.
     """
 
     def __init__(
@@ -199,6 +200,7 @@ class JobLedger:
         min_connections: int = 1,
         max_connections: int = 10,
         statement_cache_size: int = 100,
+        application_name: str = "jobledger",
     ) -> None:
         self._dsn_arg = dsn
         self._home = home
@@ -207,6 +209,7 @@ class JobLedger:
         self.listen = listen
         self._pool_size = (min_connections, max_connections)
         self._statement_cache_size = statement_cache_size
+        self.application_name = application_name
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.dsn: str | None = None
         self._registry: dict[str, Operator] = {}
@@ -239,7 +242,7 @@ class JobLedger:
                 min_size=self._pool_size[0],
                 max_size=self._pool_size[1],
                 statement_cache_size=self._statement_cache_size,
-                server_settings={"application_name": "jobledger", "TimeZone": "UTC"},
+                server_settings={"application_name": self.application_name, "TimeZone": "UTC"},
             )
             stack.push_async_callback(self._close_pool)
             if self._migrate:
@@ -286,7 +289,9 @@ class JobLedger:
             if self._listener is None:
                 if self._pool is None or self.dsn is None:
                     raise RuntimeError("the JobLedger is not open: use `async with ledger:`")
-                listener = Listener(self.dsn)
+                listener = Listener(
+                    self.dsn, server_settings={"application_name": self.application_name}
+                )
                 ready = anyio.Event()
 
                 async def serve() -> None:

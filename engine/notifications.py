@@ -52,8 +52,9 @@ Subscriber = Callable[[Notice], None]
 class Listener:
     """A service that LISTENs on ``jobledger`` and fans notices out to subscribers."""
 
-    def __init__(self, dsn: str, *, health_interval: float = 5.0) -> None:
+    def __init__(self, dsn: str, *, health_interval: float = 5.0, **connect_kwargs: Any) -> None:
         self.dsn = dsn
+        self.connect_kwargs = connect_kwargs
         self.health_interval = health_interval
         self.connected = False
         self._subscribers: list[Subscriber] = []
@@ -88,7 +89,7 @@ class Listener:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await connect(self.dsn)
+                conn = await connect(self.dsn, **self.connect_kwargs)
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected = True
                 delay = 0.1

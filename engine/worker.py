@@ -124,6 +124,8 @@ class Worker:
         self.holds: dict[UUID, Hold] = {}
         self.contexts: dict[UUID, JobContext] = {}
         self.claimed = 0
+        self.failed_writes = 0
+        self._jobs: anyio.abc.TaskGroup | None = None
         self._stopping = anyio.Event()
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -169,8 +171,10 @@ class Worker:
                 with listener.subscribe(self._on_notice) if listener else contextlib.nullcontext():
                     task_status.started()
                     async with anyio.create_task_group() as jobs:
+                        self._jobs = jobs
                         await self._claim_loop(jobs)
                         await self._drain(jobs)
+                    self._jobs = None
                 services.cancel_scope.cancel()
         finally:
             if self.register:
@@ -282,6 +286,7 @@ class Worker:
                         retry_at=None if final else new.run_at.isoformat(),
                     )
         except Exception as exc:  # a failed outcome write must not take the worker down
+            self.failed_writes += 1
             log_.error("job_outcome_not_recorded", error=repr(exc))
         finally:
             self.holds.pop(job.id, None)
@@ -345,14 +350,23 @@ class Worker:
                 hold.cancel("requested")
 
     async def _heartbeat_loop(self) -> None:
+        unheld: set[UUID] = set()
         while True:
             try:
                 rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, len(self.holds))
-                for row in rows:
-                    hold = self.holds.get(row[0])
-                    if hold is not None and hold.cancel_reason is None:
-                        self.log.info("job_cancel_delivered", job_id=str(row[0]), via="heartbeat")
+                seen: set[UUID] = set()
+                for job_id, status in rows:
+                    hold = self.holds.get(job_id)
+                    if hold is None:
+                        seen.add(job_id)
+                    elif status == "cancelling" and hold.cancel_reason is None:
+                        self.log.info("job_cancel_delivered", job_id=str(job_id), via="heartbeat")
                         hold.cancel("requested")
+                # Held by us in the log but not in memory on two passes in a row:
+                # a claim that committed but whose reply was lost. Adopt it.
+                for job_id in seen & unheld:
+                    await self._adopt(job_id)
+                unheld = seen - unheld
             except DB_ERRORS as exc:
                 self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
             for ctx in list(self.contexts.values()):
@@ -360,6 +374,22 @@ class Worker:
                     with contextlib.suppress(*DB_ERRORS):
                         await ctx.flush()
             await anyio.sleep(self.heartbeat_interval)
+
+    async def _adopt(self, job_id: UUID) -> None:
+        if self._jobs is None or job_id in self.holds or self._stopping.is_set():
+            return
+        try:
+            state = await store.load(self.ledger.pool, job_id)
+        except JobNotFound:
+            return
+        hold = Hold(state, self.id)
+        if not hold.owns(state) or job_id in self.holds:
+            return
+        self.log.warning("job_adopted", job_id=str(job_id), attempt=state.attempt)
+        self.holds[job_id] = hold
+        if state.status == "cancelling":
+            hold.cancel_reason = "requested"
+        self._jobs.start_soon(self._run_job, hold)
 
     async def _rescue_loop(self) -> None:
         while True:

@@ -29,14 +29,18 @@ INSERT INTO jobledger.workers (id, host, pid, queues, operators, concurrency)
 VALUES ($1, $2, $3, $4, $5, $6);
 
 -- name: heartbeat
--- The worker is alive and runs $2 jobs. Returns the ids of the jobs it holds
--- whose cancellation was requested (the delivery path when NOTIFY is off).
+-- The worker is alive and runs $2 jobs. Returns every job the log says this
+-- worker holds, with its status: the worker cancels the cancelling ones (the
+-- delivery path when NOTIFY is off) and adopts any it does not know it holds
+-- (a claim whose commit succeeded but whose reply was lost). Served by the
+-- jobs_running partial index.
 WITH beat AS (
     UPDATE jobledger.workers
     SET last_heartbeat = clock_timestamp(), running = $2, stopped_at = NULL
     WHERE id = $1
 )
-SELECT id FROM jobledger.jobs WHERE worker = $1 AND status = 'cancelling';
+SELECT id, status FROM jobledger.jobs
+WHERE worker = $1 AND status IN ('running', 'cancelling');
 
 -- name: worker_stopped
 -- The worker shut down cleanly.

@@ -1,0 +1,269 @@
+"""Workers in process: every outcome path, cancellation, fencing, burst, shutdown."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import anyio
+import msgspec
+import pytest
+
+from engine import Cancel, JobContext, JobLedger, RetryAfter, Worker
+from engine.rescuer import rescue
+
+FAST = {"heartbeat_interval": 0.1, "poll_interval": 0.2, "progress_interval": 0.05}
+
+
+class Steps(msgspec.Struct):
+    """Inputs of the test operators."""
+
+    n: int = 1
+    fail_until: int = 0
+    seconds: float = 0.0
+
+
+gate = {}  # job label -> anyio.Event the handler waits on (fencing test)
+
+
+def register_operators(ledger: JobLedger) -> None:
+    @ledger.operator("flaky", max_attempts=3, retry_backoff=0.01)
+    async def flaky(ctx: JobContext, inputs: Steps) -> dict:
+        if ctx.job.attempt <= inputs.fail_until:
+            raise ConnectionError(f"attempt {ctx.job.attempt} failed")
+        return {"attempt": ctx.job.attempt}
+
+    @ledger.operator("sleepy", timeout=0.3)
+    async def sleepy(ctx: JobContext, inputs: Steps) -> None:
+        await anyio.sleep(inputs.seconds)
+
+    @ledger.operator("asks_retry", max_attempts=2)
+    async def asks_retry(ctx: JobContext) -> str:
+        if ctx.job.attempt == 1:
+            raise RetryAfter(0.2, "rate limited")
+        return "ok"
+
+    @ledger.operator("gives_up")
+    async def gives_up(ctx: JobContext) -> None:
+        raise Cancel("nothing to do")
+
+    @ledger.operator("chatty")
+    async def chatty(ctx: JobContext, inputs: Steps) -> int:
+        for i in range(inputs.n):
+            await ctx.progress(
+                fraction=(i + 1) / inputs.n, iteration=i, metrics={"loss": 1 / (i + 1)}
+            )
+        await ctx.add_artifact("model", "s3://m/1", type="onnx", size=10, hash="sha256:ab")
+        return inputs.n
+
+    @ledger.operator("gated", max_attempts=2, retry_backoff=0.01)
+    async def gated(ctx: JobContext) -> str:
+        await gate[ctx.job.label].wait()
+        return ctx.worker
+
+
+@asynccontextmanager
+async def running(ledger: JobLedger, **options):
+    worker = Worker(ledger, **{**FAST, **options})
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        yield worker
+        worker.stop()
+
+
+async def test_failures_retry_with_backoff_then_succeed(ledger: JobLedger) -> None:
+    async with running(ledger):
+        job = await ledger.submit("flaky", {"fail_until": 2})
+        done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+    assert done.result == {"attempt": 3} and done.attempt == 3
+    [run] = await ledger.runs(job.id)
+    assert [a.outcome for a in run.attempts] == ["retrying", "retrying", "completed"]
+    assert [a.error.message for a in run.attempts[:2]] == ["attempt 1 failed", "attempt 2 failed"]
+    assert "ConnectionError" in run.attempts[0].error.traceback
+    failed = [r for r in await ledger.history(job.id) if r.type == "job.failed"]
+    assert all(r.event.retry_at > r.recorded_at for r in failed)  # backoff, not immediate
+
+
+async def test_attempts_exhausted_fail_the_job(ledger: JobLedger) -> None:
+    async with running(ledger):
+        job = await ledger.submit("flaky", {"fail_until": 5})
+        done = await ledger.wait(job.id, timeout=10)
+    assert done.status == "failed" and done.attempt == 3 and done.error.type == "ConnectionError"
+
+
+async def test_restart_policy_never(ledger: JobLedger) -> None:
+    async with running(ledger):
+        job = await ledger.submit("flaky", {"fail_until": 1}, restart_policy="never")
+        done = await ledger.wait(job.id, timeout=10)
+    assert done.status == "failed" and done.attempt == 1
+
+
+async def test_timeout(ledger: JobLedger) -> None:
+    async with running(ledger):
+        job = await ledger.submit("sleepy", {"seconds": 5})
+        done = await ledger.wait(job.id, timeout=10)
+    assert done.status == "failed" and done.error.type == "timeout"
+    assert "0.3s" in done.error.message
+
+
+async def test_retry_after_and_cancel_signals(ledger: JobLedger) -> None:
+    async with running(ledger):
+        a = await ledger.submit("asks_retry")
+        b = await ledger.submit("gives_up")
+        a_done = await ledger.wait(a.id, timeout=10)
+        b_done = await ledger.wait(b.id, timeout=10)
+    assert a_done.status == "completed" and a_done.attempt == 2
+    failed = next(r for r in await ledger.history(a.id) if r.type == "job.failed")
+    delay = (failed.event.retry_at - failed.recorded_at).total_seconds()
+    assert 0.19 < delay < 0.3 and failed.event.error.type == "RetryAfter"
+    assert b_done.status == "cancelled" and b_done.status_reason == "nothing to do"
+
+
+async def test_inputs_that_no_longer_decode_fail_without_retry(ledger: JobLedger, db: str) -> None:
+    async with JobLedger(db) as client:  # a process without the operator: no validation
+        job = await client.submit("flaky", {"fail_until": "many"}, max_attempts=3)
+    async with running(ledger):
+        done = await ledger.wait(job.id, timeout=10)
+    assert done.status == "failed" and done.attempt == 1
+    assert done.error.type == "InvalidInputs" and "$.fail_until" in done.error.message
+
+
+@pytest.mark.parametrize("listen", [True, False])
+async def test_cancel_a_running_job(db: str, listen: bool) -> None:
+    ledger = JobLedger(db, listen=listen)
+    register_operators(ledger)
+    async with ledger, running(ledger) as worker:
+        job = await ledger.submit("sleepy", {"seconds": 0.25}, timeout=30)
+        job = await ledger.submit("sleepy", {"seconds": 20}, timeout=30)
+        await ledger.wait(job.id, until="running", timeout=5)
+        await ledger.cancel(job.id, actor="ana", reason="wrong input")
+        done = await ledger.wait(job.id, timeout=5)
+        assert job.id not in worker.holds
+        types = [r.type for r in await ledger.history(job.id)]
+    assert done.status == "cancelled"
+    assert types[-2:] == ["job.cancel_requested", "job.cancelled"]
+
+
+async def test_progress_is_coalesced_and_kept(ledger: JobLedger) -> None:
+    async with running(ledger, progress_interval=0.5):
+        job = await ledger.submit("chatty", {"n": 2000})
+        done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+    history = await ledger.history(job.id)
+    progress = [r for r in history if r.type == "job.progress"]
+    assert 1 <= len(progress) <= 10  # 2000 reports, a handful of events
+    assert done.progress.fraction == 1.0 and done.progress.iteration == 1999
+    assert done.progress.metrics["loss"].last == pytest.approx(1 / 2000)
+    assert done.result == 2000
+    [artifact] = done.artifacts
+    assert (artifact.key, artifact.type, artifact.hash) == ("model", "onnx", "sha256:ab")
+
+
+async def test_priority_and_schedule_are_honoured(ledger: JobLedger) -> None:
+    low = await ledger.submit("flaky", priority=0)
+    high = await ledger.submit("flaky", priority=10)
+    later = await ledger.submit("flaky", priority=99, delay=0.8)
+    async with running(ledger, concurrency=1):
+        for j in (low, high, later):
+            await ledger.wait(j.id, timeout=10)
+    started = {
+        j.id: next(r.recorded_at for r in await ledger.history(j.id) if r.type == "job.started")
+        for j in (low, high, later)
+    }
+    assert started[high.id] < started[low.id]
+    assert started[later.id] >= later.run_at
+
+
+async def test_burst_with_limit_and_filters(ledger: JobLedger) -> None:
+    cats = await ledger.submit_many([{"operator": "flaky", "context": {"d": "cats"}}] * 5)
+    dogs = await ledger.submit_many([{"operator": "flaky", "context": {"d": "dogs"}}] * 3)
+    worker = Worker(ledger, burst=True, limit=3, context={"d": "cats"}, **FAST)
+    with anyio.fail_after(10):
+        await worker.run()
+    assert await ledger.count(status="completed") == 3
+    assert await ledger.count(status="completed", context={"d": "dogs"}) == 0
+    with anyio.fail_after(10):
+        await Worker(ledger, burst=True, **FAST).run()
+    assert await ledger.count(status="completed") == len(cats) + len(dogs)
+
+
+async def test_execute_runs_one_job_in_process(ledger: JobLedger) -> None:
+    job = await ledger.submit("flaky", {"fail_until": 0})
+    done = await ledger.execute(job.id)
+    assert done.status == "completed" and done.result == {"attempt": 1}
+    with pytest.raises(ValueError, match="is completed, not queued"):
+        await ledger.execute(job.id)
+
+
+async def test_a_rescued_job_cannot_be_completed_by_its_old_worker(
+    ledger: JobLedger, db: str
+) -> None:
+    """Fencing: A stalls, its job is rescued and completed by B; A's late write is refused."""
+    gate["fenced"] = anyio.Event()
+    job = await ledger.submit("gated", label="fenced")
+    async with running(ledger, concurrency=1, register=True) as a:
+        await ledger.wait(job.id, until="running", timeout=5)
+        # A stops heartbeating (as if paused): age its heartbeat, then rescue.
+        async with ledger.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE jobledger.workers SET last_heartbeat = now() - interval '1 hour'"
+                " WHERE id = $1",
+                a.id,
+            )
+            a.heartbeat_interval = 3600  # keep it silent
+        assert await rescue(ledger, rescue_after=60) == 1
+        rescued = await ledger.get(job.id)
+        assert rescued.status in ("queued", "scheduled") and rescued.error.type == "abandoned"
+        # B runs the new attempt to completion (the gate is open for it).
+        gate["fenced"].set()
+        b = Worker(ledger, concurrency=1, **FAST)
+        async with anyio.create_task_group() as tg:
+            await tg.start(b.run)
+            done = await ledger.wait(job.id, timeout=5)
+            b.stop()
+        # A's handler has returned by now as well; its completion was refused.
+        with anyio.fail_after(5):
+            while a.holds:  # noqa: ASYNC110 - polling another service's state
+                await anyio.sleep(0.05)
+        assert a.completer.refused == 1
+        assert a.failed_writes == 0  # refused cleanly, not an error
+    assert done.status == "completed" and done.result == b.id
+    history = await ledger.history(job.id)
+    assert [r.type for r in history].count("job.completed") == 1
+    assert [r.type for r in history] == [
+        "job.submitted",
+        "job.started",
+        "job.abandoned",
+        "job.started",
+        "job.completed",
+    ]
+
+
+async def test_shutdown_interrupts_and_requeues_after_grace(ledger: JobLedger) -> None:
+    job = await ledger.submit("sleepy", {"seconds": 30}, timeout=60)
+    worker = Worker(ledger, shutdown_grace=0.2, **FAST)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        await ledger.wait(job.id, until="running", timeout=5)
+        worker.stop()
+    after = await ledger.get(job.id)
+    assert after.status == "queued" and after.error.type == "interrupted"
+    rows = await ledger.pool.fetch(
+        "SELECT stopped_at FROM jobledger.workers WHERE id = $1", worker.id
+    )
+    assert rows[0]["stopped_at"] is not None
+
+
+async def test_workers_publish_operators(ledger: JobLedger, db: str) -> None:
+    async with JobLedger(db) as other:
+        names = {o.name for o in await other.operators()}
+    assert {"flaky", "sleepy", "chatty", "gated"} <= names
+
+
+async def test_a_claim_whose_reply_was_lost_is_adopted(ledger: JobLedger) -> None:
+    """The log says the worker holds a job it does not know about: it adopts and runs it."""
+    async with running(ledger, concurrency=1) as worker:
+        job = await ledger.submit("flaky", delay=3600)  # not claimable by the loop
+        # As if the worker's claim committed but the reply never arrived:
+        await ledger.mark_running(job.id, worker=worker.id)
+        done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+    assert done.attempt == 1 and done.worker == worker.id
+    assert [r.type for r in await ledger.history(job.id)][-2:] == ["job.started", "job.completed"]
