@@ -1,0 +1,20 @@
+"""The application benchmark workers run: ``--app bench.app:ledger``."""
+
+from __future__ import annotations
+
+import time
+
+from engine import JobContext, JobLedger
+
+ledger = JobLedger(actor="bench", application_name="jobledger-bench")
+
+
+@ledger.operator("noop")
+async def noop(ctx: JobContext) -> None:
+    """Do nothing (throughput)."""
+
+
+@ledger.operator("stamp")
+async def stamp(ctx: JobContext) -> float:
+    """Return the wall-clock time the handler started (pickup latency)."""
+    return time.time()
