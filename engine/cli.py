@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import anyio
@@ -401,6 +401,210 @@ async def cmd_demo(ledger: JobLedger, args: argparse.Namespace, console: Console
     return await run_demo(console, ledger)
 
 
+@command("report")
+async def cmd_report(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Throughput, failures, wait and run times per operator or queue and time bucket."""
+    rows = await ledger.report(since=args.since, until=args.until, by=args.by, bucket=args.bucket)
+    if args.format == "json":
+        print(msgspec.json.encode(rows).decode())
+    elif args.format == "csv":
+        import csv
+
+        fields = list(rows[0].__struct_fields__) if rows else ["bucket", "key"]
+        writer = csv.writer(sys.stdout)
+        writer.writerow(fields)
+        for r in rows:
+            writer.writerow([getattr(r, f) for f in fields])
+    else:
+        console.print(render.report_table(rows, by=args.by))
+        console.print(render.report_chart(rows))
+    return 0
+
+
+@command("projections")
+async def cmd_projections(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Status, rebuild or run of the projections."""
+    from projections.rebuild import rebuild_jobs, rebuild_projection
+    from projections.runner import ProjectionRunner, default_projections
+
+    projs = {p.name: p for p in default_projections()}
+    if args.action == "status":
+        rows = [await _projection_status(ledger, name) for name in ["jobs", *projs]]
+        if args.json:
+            print(json.dumps(rows, default=str))
+        else:
+            console.print(render.projections_table(rows))
+        return 0
+    if args.action == "run":
+        runner = ProjectionRunner(ledger, poll_interval=args.poll)
+        async with anyio.create_task_group() as tg:
+            await tg.start(runner.run)
+            console.print(f"running projections: {', '.join(projs)} (Ctrl-C to stop)")
+            await anyio.sleep_forever()
+        return 0
+    names = [*projs, "jobs"] if args.all else [args.name]
+    if not args.all and args.name not in (*projs, "jobs"):
+        raise UsageError(
+            f"unknown projection {args.name!r} (projections: jobs, {', '.join(projs)})"
+        )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    for name in names:
+        with Progress(
+            f"rebuilding {name}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(name, total=None)
+
+            def tick(done: int, total: int, bar: Progress = bar, task: Any = task) -> None:
+                bar.update(task, completed=done, total=total)
+
+            if name == "jobs":
+                n = await rebuild_jobs(ledger.pool, progress=tick)
+            else:
+                n = await rebuild_projection(ledger.pool, projs[name], progress=tick)
+        console.print(f"{name}: rebuilt from {n} events")
+    return 0
+
+
+async def _projection_status(ledger: JobLedger, name: str) -> dict[str, Any]:
+    from engine.sqlfiles import Q
+
+    if name == "jobs":
+        return {
+            "name": "jobs",
+            "kind": "inline",
+            "checkpoint": "-",
+            "lag_events": 0,
+            "lag_seconds": 0.0,
+            "applied": None,
+        }
+    row = await ledger.pool.fetchrow(Q.checkpoint_read, name)
+    tx, pos = (row["tx_id"], row["position"]) if row else (0, 0)
+    lag = await ledger.pool.fetchrow(Q.log_lag, str(tx), pos)
+    return {
+        "name": name,
+        "kind": "async",
+        "checkpoint": f"{tx}/{pos}",
+        "lag_events": lag["events"],
+        "lag_seconds": lag["age"].total_seconds() if lag["age"] else 0.0,
+        "applied": row["applied"] if row else 0,
+    }
+
+
+@command("verify")
+async def cmd_verify(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Replay the log into memory and compare it with every projection."""
+    from projections.replay import verify_all
+
+    diffs = await verify_all(ledger.pool, limit=args.limit)
+    for d in diffs:
+        console.print(str(d), markup=False, highlight=False)
+    if diffs:
+        console.print(f"{len(diffs)} difference(s) between the log and the projections")
+        return 1
+    console.print("the projections are exactly the replay of the log")
+    return 0
+
+
+@command("replay")
+async def cmd_replay(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """A job's events one by one, with the fields each changed; or its state at a time."""
+    events = await ledger.history(args.job)
+    return await _replay(events, args, console)
+
+
+async def _replay(events: list[Any], args: argparse.Namespace, console: Console) -> int:
+    from projections.history import steps
+    from projections.replay import diff, state_at
+
+    if args.json:
+        payload = msgspec.json.encode(events)
+        if args.json == "-":
+            sys.stdout.write(payload.decode() + "\n")
+        else:
+            await anyio.Path(args.json).write_bytes(payload)
+            console.print(f"wrote {len(events)} events to {args.json}")
+        return 0
+    at = _at(args.at)
+    shown = [e for e in events if at is None or _before(e, at)]
+    if at is not None:
+        state = state_at(events, at)
+        if state is None:
+            console.print(f"the job did not exist yet at {args.at}")
+            return 1
+    prev = None
+    rows = []
+    for rec, state in steps(shown):
+        rows.append((rec, diff(prev, state)))
+        prev = state
+    if args.step and console.is_terminal:
+        for i in range(len(rows)):
+            console.print(render.timeline(rows[i : i + 1]))
+            if i + 1 < len(rows):
+                await anyio.to_thread.run_sync(input, "[enter] next event ")
+    else:
+        console.print(render.timeline(rows))
+    if prev is not None:
+        title = f"state at {args.at}" if at is not None else "state reached"
+        console.print(
+            render.job_card(prev).__class__(render.job_card(prev).renderable, title=title)
+        )
+    return 0
+
+
+def _at(text: str | None) -> int | datetime | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    return time_arg(text)
+
+
+def _before(rec: Any, at: int | datetime) -> bool:
+    if isinstance(at, datetime):
+        return rec.recorded_at <= at
+    return rec.position is not None and rec.position <= at
+
+
+@command("audit")
+async def cmd_audit(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Who changed what, across jobs."""
+    from engine.sqlfiles import Q
+    from projections.codec import recorded_from_row
+
+    rows = await ledger.pool.fetch(
+        Q.audit, args.actor_filter, args.since, args.until, args.operator, args.type, args.limit
+    )
+    if args.json:
+        print(msgspec.json.encode([recorded_from_row(r) for r in rows]).decode())
+        return 0
+    console.print(
+        render.audit_table([(recorded_from_row(r), r["operator"], r["label"]) for r in rows])
+    )
+    return 0
+
+
+@command("prune")
+async def cmd_prune(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
+    """Remove the streams of finished jobs (audited; reports keep their counts)."""
+    result = await ledger.prune(
+        finished_before=args.finished_before,
+        operator=args.operator,
+        actor=args.actor,
+        reason=args.reason,
+        dry_run=args.dry_run,
+    )
+    verb = "would remove" if result.dry_run else "removed"
+    console.print(f"{verb} {result.jobs} jobs and {result.events} events")
+    if result.prune_id is not None:
+        console.print(f"recorded as prune #{result.prune_id}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------
 
 
@@ -508,6 +712,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds")
 
     sub.add_parser("demo", help="run the demo (worker + jobs + live progress + history)")
+
+    p = sub.add_parser("report", help="throughput, failures, wait and run times")
+    p.add_argument("--since", type=time_arg, default=None, help="ISO time (default: 24h ago)")
+    p.add_argument("--until", type=time_arg, default=None, help="ISO time (default: now)")
+    p.add_argument("--by", choices=("operator", "queue"), default="operator")
+    p.add_argument("--bucket", choices=("hour", "day", "week"), default="hour")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("projections", help="projection status, rebuild, run")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = psub.add_parser("status", help="each projection's checkpoint and lag")
+    q.add_argument("--json", action="store_true")
+    q = psub.add_parser("rebuild", help="rebuild a projection from the log")
+    q.add_argument("name", nargs="?", help="jobs or reports")
+    q.add_argument("--all", action="store_true")
+    q = psub.add_parser("run", help="run the async projections (catch up, then tail)")
+    q.add_argument("--poll", type=float, default=0.5)
+
+    p = sub.add_parser("verify", help="replay the log and compare with every projection")
+    p.add_argument("--limit", type=int, default=1000)
+
+    p = sub.add_parser("replay", help="a job's events step by step; its state at a time")
+    p.add_argument("job", nargs="?")
+    p.add_argument("--at", help="a log position or an ISO time")
+    p.add_argument("--step", action="store_true", help="one event at a time (terminal)")
+    p.add_argument("--json", metavar="FILE", help="write the event stream to FILE (- for stdout)")
+    p.add_argument("--from-file", metavar="FILE", help="replay a stream written by --json")
+
+    p = sub.add_parser("prune", help="remove the streams of finished jobs (audited)")
+    p.add_argument("--finished-before", type=time_arg, required=True, metavar="TIME")
+    p.add_argument("--operator")
+    p.add_argument("--reason")
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("audit", help="who changed what, across jobs")
+    p.add_argument("--actor", dest="actor_filter")
+    p.add_argument("--since", type=time_arg)
+    p.add_argument("--until", type=time_arg)
+    p.add_argument("--operator")
+    p.add_argument("--type", help="event type, e.g. job.cancelled")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -548,12 +794,36 @@ def configure_logging(level: str = "warning") -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "replay" and args.from_file:
+        return await _replay_file(args)
+    if args.command == "replay" and not args.job:
+        raise UsageError("replay needs a job id (or --from-file FILE)")
+    if args.command == "projections" and args.action == "rebuild" and not (args.name or args.all):
+        raise UsageError("rebuild needs a projection name (jobs, reports) or --all")
+    if args.command == "report":
+        args.until = args.until or datetime.now(UTC)
+        args.since = args.since or args.until - timedelta(days=1)
     if args.command == "demo" and not args.app:
         args.app = "examples.demo_app:ledger"
     ledger = load_app(args.app, args.dsn, args.home)
     console = render.console()
     async with ledger:
         return await COMMANDS[args.command](ledger, args, console)
+
+
+async def _replay_file(args: argparse.Namespace) -> int:
+    from engine.events import Recorded
+
+    try:
+        raw = await anyio.Path(args.from_file).read_bytes()
+        events = msgspec.json.decode(raw, type=list[Recorded])
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.from_file}: {exc.strerror}") from exc
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UsageError(f"{args.from_file} is not a jobledger event stream: {exc}") from exc
+    if not events:
+        raise UsageError(f"{args.from_file} holds no events")
+    return await _replay(events, args, render.console())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

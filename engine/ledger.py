@@ -683,6 +683,52 @@ class JobLedger:
             raise JobFailed(job)
         return job
 
+    async def state_at(self, job_id: UUID | str, at: int | datetime | None = None) -> Job | None:
+        """The job as it was after the last event at or before ``at`` (a log position or an
+        aware datetime); ``None`` if it did not exist yet."""
+        from projections.replay import state_at
+
+        if isinstance(at, datetime) and at.tzinfo is None:
+            raise ValueError("at must be a timezone-aware datetime")
+        return state_at(await self.history(job_id), at)
+
+    async def report(
+        self,
+        *,
+        since: datetime,
+        until: datetime | None = None,
+        by: str = "operator",
+        bucket: str = "hour",
+    ) -> builtins.list[Any]:
+        """Report rows (counts, failure rate, wait/run percentiles) per ``by`` and ``bucket``
+        (``"hour"``, ``"day"``, ``"week"``) in ``[since, until)``, from the report projection
+        (run ``jobledger projections run`` to keep it current)."""
+        from projections.reports import report
+
+        return await report(self.pool, since=since, until=until or utcnow(), by=by, bucket=bucket)
+
+    async def prune(
+        self,
+        *,
+        finished_before: datetime,
+        operator: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+        dry_run: bool = False,
+    ) -> Any:
+        """Remove the streams of jobs finished before a time, the one audited way
+        (see :mod:`engine.retention`); reports keep their counts."""
+        from engine.retention import prune
+
+        return await prune(
+            self,
+            finished_before=finished_before,
+            operator=operator,
+            actor=actor,
+            reason=reason,
+            dry_run=dry_run,
+        )
+
     # -- running -----------------------------------------------------------------
 
     async def run_worker(self, *, handle_signals: bool = True, **options: Any) -> None:

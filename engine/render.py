@@ -74,7 +74,7 @@ def jobs_table(jobs: Sequence[Job], *, title: str | None = None) -> Table:
     return table
 
 
-def job_card(job: Job) -> Panel:
+def job_card(job: Job, *, title: str | None = None) -> Panel:
     """Every field of one job."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -91,7 +91,8 @@ def job_card(job: Job) -> Panel:
             grid.add_row(name, str(value))
         else:
             grid.add_row(name, short(msgspec.to_builtins(value), 100))
-    return Panel(grid, title=f"{job.label} · {job.id}", title_align="left")
+    heading = f"{job.label} · {job.id}" + (f" · {title}" if title else "")
+    return Panel(grid, title=heading, title_align="left")
 
 
 QUIET_FIELDS = frozenset(
@@ -194,5 +195,117 @@ def operators_table(ops: Sequence[Any]) -> Table:
             "-" if o.timeout is None else f"{o.timeout:g}s",
             fields,
             o.published_by or "-",
+        )
+    return table
+
+
+def report_table(rows: Sequence[Any], *, by: str) -> Table:
+    """Report rows: counts, failure rate, wait and run percentiles."""
+    table = Table(header_style="bold")
+    cols = (
+        "bucket",
+        by,
+        "submitted",
+        "started",
+        "completed",
+        "failed",
+        "retried",
+        "cancelled",
+        "rescued",
+        "fail %",
+        "wait p50/p95/p99",
+        "run p50/p95/p99",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("bucket", by) else "right")
+    for r in rows:
+        table.add_row(
+            when(r.bucket)[:16],
+            r.key,
+            *(
+                str(getattr(r, c))
+                for c in (
+                    "submitted",
+                    "started",
+                    "completed",
+                    "failed",
+                    "retried",
+                    "cancelled",
+                    "rescued",
+                )
+            ),
+            "-" if r.failure_rate is None else f"{r.failure_rate:.1%}",
+            _ms3(r.wait_p50_ms, r.wait_p95_ms, r.wait_p99_ms),
+            _ms3(r.run_p50_ms, r.run_p95_ms, r.run_p99_ms),
+        )
+    return table
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}ms" if v < 10_000 else f"{v / 1000:.1f}s"
+
+
+def _ms3(*values: float | None) -> str:
+    return " / ".join(_ms(v) for v in values)
+
+
+def report_chart(rows: Sequence[Any], width: int = 50) -> Table:
+    """A terminal bar chart of completed (green) and failed (red) jobs per bucket."""
+    per: dict[Any, list[int]] = {}
+    for r in rows:
+        c = per.setdefault(r.bucket, [0, 0])
+        c[0] += r.completed
+        c[1] += r.failed
+    top = max((a + b for a, b in per.values()), default=0) or 1
+    chart = Table.grid(padding=(0, 1))
+    for bucket, (ok, bad) in sorted(per.items()):
+        bar = Text("█" * round(ok / top * width), style="green")
+        bar.append("█" * round(bad / top * width), style="red")
+        chart.add_row(when(bucket)[:16], bar, f"{ok} ok, {bad} failed")
+    return chart
+
+
+def projections_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Projections: checkpoint and lag."""
+    table = Table(header_style="bold")
+    for col in (
+        "projection",
+        "kind",
+        "checkpoint (tx/position)",
+        "applied",
+        "lag (events)",
+        "lag (s)",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["kind"],
+            r["checkpoint"],
+            "-" if r["applied"] is None else str(r["applied"]),
+            str(r["lag_events"]),
+            f"{r['lag_seconds']:.1f}",
+        )
+    return table
+
+
+def audit_table(rows: Sequence[tuple[Recorded, str | None, str | None]]) -> Table:
+    """Events across jobs: when, which job, what, who, why."""
+    table = Table(header_style="bold")
+    for col in ("time", "job", "operator", "event", "actor", "reason"):
+        table.add_column(col, overflow="fold")
+    for rec, operator, label in rows:
+        why = " ".join(x for x in (rec.meta.reason, rec.meta.message) if x) or "-"
+        if rec.meta.forced:
+            why = f"[FORCED] {why}"
+        table.add_row(
+            when(rec.recorded_at),
+            f"{label or '?'} {rec.job_id}",
+            operator or "-",
+            rec.type,
+            rec.meta.actor or rec.meta.worker or "-",
+            why,
         )
     return table

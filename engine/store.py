@@ -15,6 +15,37 @@ receive a JSON object with any of ``ready`` (queues that got claimable work),
 ``cancel`` (job ids whose cancellation was requested) and ``done`` (job ids
 that reached a terminal status, or ``"*"`` when there were many).
 
+Reading the whole log without gaps
+----------------------------------
+
+``position`` is an identity: its values are handed out when rows are
+inserted, not when transactions commit. Transaction A can take position 10,
+transaction B position 11, and B can commit first. A reader that follows
+``position`` and sees 11 would move its checkpoint past 10 and never see A's
+event once A commits. That is the classic gap of "ordered by sequence" event
+stores.
+
+:func:`read_log` instead orders by ``(tx_id, position)``, where ``tx_id`` is
+the writing transaction's id (``pg_current_xact_id()``), and only returns
+events whose ``tx_id`` is below the fence ``pg_snapshot_xmin(pg_current_snapshot())``:
+the oldest transaction still running. Every transaction below the fence has
+ended, so no event can ever appear below it later; reading up to it and
+checkpointing ``(tx_id, position)`` never skips one. Events of one transaction
+stay together, in append order.
+
+Consequences, which operators should know:
+
+* **Lag, never loss.** Any open transaction in the cluster holds the fence
+  back, including ones that never touch jobledger (a long report query, an
+  idle-in-transaction session). Projections then wait until it ends. Monitor
+  ``jobledger projections status``; keep ``idle_in_transaction_session_timeout``
+  set.
+* **Transaction ids belong to one cluster.** A log restored from a logical
+  dump into another cluster keeps its old ``tx_id`` values, which may be above
+  the new cluster's ``pg_current_xact_id()``; new events would then sort
+  *below* old ones. :func:`log_ahead_of_cluster` detects this; the projection
+  runner refuses to run and tells the operator to rebuild.
+
 Driver errors are translated here, by SQLSTATE and constraint name.
 """
 
@@ -31,15 +62,13 @@ import msgspec
 from engine import events as ev
 from engine.errors import ImmutableLog, JobNotFound, PayloadTooLarge
 from engine.sqlfiles import Q
+from projections.codec import decode_job, recorded_from_row
 from projections.job_state import Job
 
 CHANNEL = "jobledger"
 MAX_DONE_IDS = 100
 IMMUTABLE_SQLSTATE = "JL001"
 
-_job_decoder = msgspec.json.Decoder(Job)
-_meta_decoder = msgspec.json.Decoder(ev.Meta)
-_event_decoders = {tag: msgspec.json.Decoder(cls) for tag, cls in ev.EVENT_TYPES.items()}
 _encoder = msgspec.json.Encoder()
 
 
@@ -67,35 +96,6 @@ class Limits:
 
 
 LIMITS = Limits()
-
-
-def decode_job(doc: str | bytes) -> Job:
-    """A ``jobs`` row rendered by ``to_json`` -> :class:`Job`."""
-    return _job_decoder.decode(doc)
-
-
-def decode_event(type_: str, data: str | bytes) -> ev.Event:
-    """A stored payload -> its event Struct (unknown fields are ignored)."""
-    from projections.upcasting import upcast
-
-    try:
-        decoder = _event_decoders[type_]
-    except KeyError:
-        raise ValueError(f"unknown event type {type_!r} in the log") from None
-    return decoder.decode(upcast(type_, data))
-
-
-def recorded_from_row(row: asyncpg.Record) -> ev.Recorded:
-    """An ``events`` row (see ``read_stream``) -> :class:`engine.events.Recorded`."""
-    return ev.Recorded(
-        job_id=row["job_id"],
-        version=row["version"],
-        event=decode_event(row["type"], row["data"]),  # type: ignore[arg-type]
-        recorded_at=row["recorded_at"],
-        meta=_meta_decoder.decode(row["meta"]),
-        position=row["position"],
-        tx_id=row["tx_id"],
-    )
 
 
 def notification(
@@ -209,6 +209,43 @@ async def by_idempotency_keys(
 async def read_stream(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> list[ev.Recorded]:
     """One job's events in version order (empty if the job has none)."""
     return [recorded_from_row(r) for r in await conn.fetch(Q.read_stream, job_id)]
+
+
+class Checkpoint(msgspec.Struct, frozen=True, order=True):
+    """A place in the log: the last applied event's ``(tx_id, position)``."""
+
+    tx_id: int = 0
+    position: int = 0
+
+    @classmethod
+    def after(cls, rec: ev.Recorded) -> Checkpoint:
+        """The checkpoint just past ``rec``."""
+        return cls(rec.tx_id or 0, rec.position or 0)
+
+
+async def read_log(
+    conn: asyncpg.Connection | asyncpg.Pool, after: Checkpoint, limit: int = 1000
+) -> list[ev.Recorded]:
+    """The next events of the whole log after ``after``, gap-free (see the module docstring)."""
+    rows = await conn.fetch(Q.read_log, str(after.tx_id), after.position, limit)
+    return [recorded_from_row(r) for r in rows]
+
+
+class LogFromAnotherCluster(RuntimeError):
+    """The log's transaction ids are ahead of this cluster's (a restored dump)."""
+
+
+async def check_log_cluster(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    """Raise :class:`LogFromAnotherCluster` when the log cannot be read gap-free here."""
+    if await conn.fetchval(Q.log_ahead_of_cluster):
+        top = await conn.fetchval("SELECT max(tx_id)::text FROM jobledger.events")
+        raise LogFromAnotherCluster(
+            f"the event log holds transaction ids up to {top}, ahead of this PostgreSQL "
+            "cluster's (was it restored from a logical dump?): new events would sort before "
+            "old ones, so projections refuse to read it. Advance the cluster's transaction "
+            f"ids past {top} (pg_resetwal -x on the stopped cluster), then run "
+            "`jobledger projections rebuild` for every projection."
+        )
 
 
 def translate(exc: asyncpg.PostgresError) -> Exception:

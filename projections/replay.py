@@ -16,6 +16,7 @@ from uuid import UUID
 import msgspec
 
 from engine import events as ev
+from projections.codec import decode_job, recorded_from_row
 from projections.job_state import JOB_FIELDS, Job, NotApplicable, apply
 
 BATCH = 5_000
@@ -65,7 +66,6 @@ async def replay_all(conn: Any) -> AsyncIterator[tuple[UUID, Job | None, str | N
     Must run inside a transaction on ``conn`` (it reads through a cursor).
     """
     from engine.sqlfiles import Q
-    from engine.store import recorded_from_row
 
     current: UUID | None = None
     state: Job | None = None
@@ -89,7 +89,6 @@ async def verify_jobs(pool: Any, *, limit: int = 1000) -> list[Difference]:
     (up to ``limit``). Both sides are read in one repeatable-read snapshot, so
     writers running meanwhile cannot cause false differences."""
     from engine.sqlfiles import Q
-    from engine.store import decode_job
 
     table: dict[UUID, Job] = {}
     diffs: list[Difference] = []
@@ -123,6 +122,10 @@ def summarize(diffs: Sequence[Difference]) -> str:
 
 
 async def verify_all(pool: Any, *, limit: int = 1000) -> list[Difference]:
-    """Verify every projection against the log: the ``jobs`` table and each async
-    projection that can verify itself."""
-    return await verify_jobs(pool, limit=limit)
+    """Verify every projection against the log: the ``jobs`` table and the reports."""
+    from projections import reports
+
+    diffs = await verify_jobs(pool, limit=limit)
+    for key, problem, fields in await reports.verify(pool):
+        diffs.append(Difference(reports.NAME, key, problem, fields))
+    return diffs[:limit]

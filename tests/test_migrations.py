@@ -85,3 +85,11 @@ def test_every_named_query_parses() -> None:
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     with pytest.raises(ValueError, match="no '-- name:' header"):
         parse_queries("SELECT 1;")
+
+
+def test_the_public_surface_resolves() -> None:
+    import engine
+
+    assert sorted(engine.__all__) == sorted(engine._WHERE)
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None

@@ -94,3 +94,27 @@ SELECT position, job_id, version, type, data::text AS data, meta::text AS meta,
 FROM jobledger.events
 WHERE job_id = ANY($1::uuid[])
 ORDER BY job_id, version;
+
+-- name: read_log
+-- The next events of the whole log after checkpoint ($1 tx_id, $2 position),
+-- in (tx_id, position) order, only below the fence: transactions with an id
+-- under pg_snapshot_xmin(pg_current_snapshot()) have all ended, so nothing
+-- below it can still appear. See engine/store.py for why this is gap-free.
+SELECT position, job_id, version, type, data::text AS data, meta::text AS meta,
+       recorded_at, tx_id::text::bigint AS tx_id
+FROM jobledger.events
+WHERE (tx_id, position) > ($1::text::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, position
+LIMIT $3;
+
+-- name: log_ahead_of_cluster
+-- Whether the log holds transaction ids from another cluster's future (a
+-- logical dump restored here): such a log cannot be read gap-free by tx_id.
+SELECT max(tx_id) > pg_current_xact_id() FROM jobledger.events;
+
+-- name: log_lag
+-- Events after a checkpoint, and the age of the oldest of them.
+SELECT count(*) AS events, clock_timestamp() - min(recorded_at) AS age
+FROM jobledger.events
+WHERE (tx_id, position) > ($1::text::xid8, $2::bigint);

@@ -1,0 +1,256 @@
+"""Async projections: gap-free reading, checkpoints, crashes, rebuilds, reports."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import anyio
+import msgspec
+import pytest
+
+from engine import JobLedger
+from engine import events as ev
+from engine.postgres import connect
+from engine.store import Checkpoint, LogFromAnotherCluster, check_log_cluster, read_log
+from projections import reports
+from projections.rebuild import rebuild_jobs, rebuild_projection
+from projections.replay import verify_all
+from projections.runner import ProjectionRunner, catch_up, step
+from tests.operators import register_basic
+
+register_operators = register_basic
+
+
+async def read_all(conn, after: Checkpoint = Checkpoint()) -> list[ev.Recorded]:
+    out = []
+    while batch := await read_log(conn, after, 100):
+        out += batch
+        after = Checkpoint.after(batch[-1])
+    return out
+
+
+async def test_gap_free_read_waits_for_a_late_committer(ledger: JobLedger, db: str) -> None:
+    """A appends then sleeps before committing while B appends and commits: the reader must
+    not pass A, and must deliver A's event once it commits."""
+    a_job = await ledger.submit("noop", label="a")
+    b_job = await ledger.submit("noop", label="b")
+    seen = await read_all(ledger.pool)
+    after = Checkpoint.after(seen[-1])
+    a_conn, b_conn, reader = await connect(db), await connect(db), await connect(db)
+    try:
+        tx_a = a_conn.transaction()
+        await tx_a.start()
+        a_state = await ledger.get(a_job.id)
+        change_a = ledger.make_change(a_state, ev.Pinned(pinned=True))
+        from engine import store
+
+        assert await store.append(a_conn, [change_a])  # A holds its position, uncommitted
+        b_state = await ledger.get(b_job.id)
+        assert await store.append(b_conn, [ledger.make_change(b_state, ev.Pinned(pinned=True))])
+        # B committed (autocommit) with a later tx id: the fence stops the reader at A.
+        assert await read_all(reader, after) == []
+        await tx_a.commit()
+        late = await read_all(reader, after)
+        assert [(e.job_id, e.type) for e in late] == [
+            (a_job.id, "job.pinned"),
+            (b_job.id, "job.pinned"),
+        ]
+        assert late[0].tx_id < late[1].tx_id
+    finally:
+        for c in (a_conn, b_conn, reader):
+            await c.close()
+
+
+async def test_runner_applies_every_event_once(ledger: JobLedger) -> None:
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 20)
+    for j in jobs[:10]:
+        await ledger.mark_running(j.id)
+        await ledger.mark_completed(j.id)
+    projection = reports.ReportProjection()
+    runner = ProjectionRunner(ledger, [projection], batch_size=7, poll_interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        for j in jobs[10:15]:
+            await ledger.mark_running(j.id)
+            await ledger.mark_failed(j.id, "boom")
+        with anyio.fail_after(10):
+            while runner.applied["reports"] < 20 + 20 + 10:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    now = datetime.now(UTC)
+    [row] = await ledger.report(since=now - timedelta(hours=1), until=now + timedelta(hours=1))
+    assert (row.key, row.submitted, row.started, row.completed, row.failed) == (
+        "noop",
+        20,
+        15,
+        10,
+        5,
+    )
+    assert row.failure_rate == pytest.approx(5 / 15)
+    assert row.run_p50_ms is not None and row.wait_p99_ms is not None
+    assert await verify_all(ledger.pool) == []
+
+
+class Crashing(reports.ReportProjection):
+    """A report projection that dies after writing part of a chosen batch."""
+
+    def __init__(self, crash_on_batch: int) -> None:
+        self.batches = 0
+        self.crash_on_batch = crash_on_batch
+
+    async def handle(self, conn, events) -> None:
+        self.batches += 1
+        await super().handle(conn, events)  # its writes are in the batch's transaction
+        if self.batches == self.crash_on_batch:
+            raise RuntimeError("power cut")
+
+
+async def test_a_crash_mid_batch_applies_nothing_twice_and_skips_nothing(ledger: JobLedger) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 25)
+    crashing = Crashing(crash_on_batch=2)
+    async with ledger.pool.acquire() as conn:
+        assert await step(conn, crashing, batch_size=10) == 10
+        with pytest.raises(RuntimeError, match="power cut"):
+            await step(conn, crashing, batch_size=10)
+        cp = await conn.fetchrow("SELECT position, applied FROM jobledger.projection_checkpoints")
+        assert cp["applied"] == 10
+        total = await conn.fetchval(
+            "SELECT sum(submitted) FROM jobledger.report_buckets WHERE dimension = 'operator'"
+        )
+        assert total == 10  # the crashed batch left nothing behind
+    assert await catch_up(ledger.pool, reports.ReportProjection(), batch_size=10) == 15
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_two_runners_at_once_share_the_work(ledger: JobLedger, db: str) -> None:
+    async with JobLedger(db) as other:
+        r1 = ProjectionRunner(ledger, batch_size=5, poll_interval=0.02)
+        r2 = ProjectionRunner(other, batch_size=5, poll_interval=0.02)
+        async with anyio.create_task_group() as tg:
+            await tg.start(r1.run)
+            await tg.start(r2.run)
+            for _ in range(10):
+                await ledger.submit_many([{"operator": "noop"}] * 10)
+            with anyio.fail_after(10):
+                while r1.applied["reports"] + r2.applied["reports"] < 100:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    assert r1.applied["reports"] + r2.applied["reports"] == 100
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_rebuilds_reproduce_the_projections(ledger: JobLedger, db: str) -> None:
+    jobs = await ledger.submit_many([{"operator": "noop", "tags": ["x"]}] * 30)
+    for j in jobs[:12]:
+        await ledger.mark_running(j.id)
+        await ledger.mark_completed(j.id)
+    await catch_up(ledger.pool, reports.ReportProjection())
+    before = await ledger.report(
+        since=datetime.now(UTC) - timedelta(days=1), until=datetime.now(UTC) + timedelta(days=1)
+    )
+    # Damage both, then rebuild both from the log.
+    conn = await connect(db)
+    try:
+        await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        await conn.execute("UPDATE jobledger.report_buckets SET completed = 999")
+        assert len(await verify_all(ledger.pool)) > 30
+    finally:
+        await conn.close()
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+
+    assert await rebuild_jobs(ledger.pool, progress=progress) == 30 + 24
+    assert seen[-1] == (54, 54)
+    assert await rebuild_projection(ledger.pool, reports.ReportProjection(), batch_size=7) == 54
+    assert await verify_all(ledger.pool) == []
+    after = await ledger.report(
+        since=datetime.now(UTC) - timedelta(days=1), until=datetime.now(UTC) + timedelta(days=1)
+    )
+    assert after == before
+
+
+async def test_readers_are_not_blocked_during_a_jobs_rebuild(ledger: JobLedger, db: str) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 5)
+    reader = await connect(db)
+    counts: list[int] = []
+    try:
+        async with ledger.pool.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE jobledger.jobs IN EXCLUSIVE MODE")  # what rebuild holds
+            with anyio.fail_after(2):
+                counts.append(await reader.fetchval("SELECT count(*) FROM jobledger.jobs"))
+    finally:
+        await reader.close()
+    assert counts == [5]
+
+
+async def test_a_log_from_another_cluster_is_refused(ledger: JobLedger, db: str) -> None:
+    job = await ledger.submit("noop")
+    change = ledger.make_change(await ledger.get(job.id), ev.Pinned(pinned=True))
+    conn = await connect(db)
+    try:
+        # As if restored from another cluster whose ids were far ahead of ours.
+        await conn.execute(
+            "WITH moved AS (UPDATE jobledger.jobs SET version = 2, pinned = true,"
+            " updated_at = $3 WHERE id = $1)"
+            " INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at, tx_id)"
+            " VALUES ($1, 2, 'job.pinned', $2, '{}', $3,"
+            " (pg_current_xact_id()::text::bigint + 1000000)::text::xid8)",
+            job.id,
+            msgspec.Raw(msgspec.json.encode(change.recorded.event)),
+            change.recorded.recorded_at,
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(LogFromAnotherCluster, match="pg_resetwal"):
+        await check_log_cluster(ledger.pool)
+    with pytest.raises(LogFromAnotherCluster):
+        await ProjectionRunner(ledger).run()
+
+
+# -- the report fold, exactly ----------------------------------------------------
+
+T0 = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+
+
+def rec(job: int, version: int, event: ev.Event, seconds: float) -> ev.Recorded:
+    return ev.Recorded(
+        job_id=UUID(int=job),
+        version=version,
+        event=event,
+        recorded_at=T0 + timedelta(seconds=seconds),
+    )
+
+
+def test_fold_counts_and_percentiles() -> None:
+    events = []
+    for j in range(100):  # job j waits j ms and runs 10*j ms
+        events += [
+            rec(j, 1, ev.Submitted(operator="train", label="t", queue="gpu"), 0),
+            rec(j, 2, ev.Started(), j / 1000),
+            rec(
+                j,
+                3,
+                ev.Completed() if j % 4 else ev.Failed(error=ev.ErrorInfo(type="E")),
+                j / 1000 + j / 100,
+            ),
+        ]
+    jobs: dict = {}
+    deltas = reports.fold(events, jobs)
+    d = deltas[("operator", "train", T0)]
+    assert d.counts["submitted"] == 100 and d.counts["completed"] == 75 and d.counts["failed"] == 25
+    assert deltas[("queue", "gpu", T0)].counts == d.counts
+    for p, want in ((50, 500), (95, 950), (99, 990)):
+        assert reports.percentile(d.run_hist, p) == pytest.approx(want, rel=0.05)
+        assert reports.percentile(d.wait_hist, p) == pytest.approx(want / 10, rel=0.05)
+
+
+def test_rollups() -> None:
+    at = datetime(2026, 11, 19, 15, 42, tzinfo=UTC)  # a Thursday
+    assert reports.roll(at, "hour") == datetime(2026, 11, 19, 15, tzinfo=UTC)
+    assert reports.roll(at, "day") == datetime(2026, 11, 19, tzinfo=UTC)
+    assert reports.roll(at, "week") == datetime(2026, 11, 16, tzinfo=UTC)
+    with pytest.raises(ValueError, match="bucket must be"):
+        reports.roll(at, "month")
