@@ -105,3 +105,75 @@ async def test_unreachable_server_is_one_line() -> None:
     assert code == 1
     assert err.strip() == err.strip().splitlines()[0]
     assert "cannot connect to PostgreSQL at 127.0.0.1:1 (database nowhere)" in err
+
+
+async def test_projection_report_replay_audit_prune_commands(
+    ledger: JobLedger, db: str, tmp_path
+) -> None:
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 3)
+    for j in jobs[:2]:
+        await ledger.mark_running(j.id, actor="exec")
+        await ledger.mark_completed(j.id, actor="exec")
+    await ledger.cancel(jobs[2].id, actor="ana", reason="not needed")
+
+    code, out, _ = await cli(db, "projections", "status")
+    assert code == 0 and "reports" in out and "async" in out
+    code, out, _ = await cli(db, "projections", "rebuild", "reports")
+    assert code == 0 and "rebuilt from 8 events" in out
+    code, out, _ = await cli(db, "report", "--format", "json")
+    [row] = json.loads(out)
+    assert (row["key"], row["submitted"], row["completed"], row["cancelled"]) == ("noop", 3, 2, 1)
+    code, out, _ = await cli(db, "report", "--by", "queue", "--bucket", "day")
+    assert code == 0 and "default" in out and "2 ok, 0 failed" in out
+    code, out, _ = await cli(db, "report", "--format", "csv")
+    assert out.splitlines()[0].startswith("bucket,key,submitted")
+
+    code, out, _ = await cli(db, "verify")
+    assert code == 0 and "exactly the replay of the log" in out
+
+    jid = str(jobs[0].id)
+    history = await ledger.history(jobs[0].id)
+    code, out, _ = await cli(db, "replay", jid, "--at", str(history[1].position))
+    assert code == 0 and "job.started" in out and "job.completed" not in out
+    assert "state at" in out and "running" in out
+    stream = tmp_path / "stream.json"
+    assert (await cli(db, "replay", jid, "--json", str(stream)))[0] == 0
+    code, out, _ = await cli(
+        "postgresql://postgres@127.0.0.1:1/none", "replay", "--from-file", str(stream)
+    )
+    assert code == 0 and "job.completed" in out and "state reached" in out  # no database needed
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    code, _, err = await cli(db, "replay", "--from-file", str(bad))
+    assert code == 2 and "not a jobledger event stream" in err
+
+    code, out, _ = await cli(db, "audit", "--actor", "ana")
+    assert code == 0 and "job.cancelled" in out and "not needed" in out and "job.started" not in out
+
+    code, out, _ = await cli(db, "prune", "--finished-before", "2000-01-01")
+    assert code == 0 and "removed 0 jobs" in out
+    code, out, _ = await cli(db, "prune", "--finished-before", "2999-01-01", "--dry-run")
+    assert code == 0 and "would remove 3 jobs and 8 events" in out
+    code, out, _ = await cli(db, "prune", "--finished-before", "2999-01-01", "--reason", "test")
+    assert code == 0 and "removed 3 jobs and 8 events" in out and "prune #1" in out
+    code, out, _ = await cli(db, "report", "--format", "json")
+    assert json.loads(out)[0]["submitted"] == 3  # reports kept their counts
+    code, out, _ = await cli(db, "verify")
+    assert code == 0
+
+
+async def test_verify_exits_1_on_a_difference(ledger: JobLedger, db: str) -> None:
+    job = await ledger.submit("noop")
+    from engine.postgres import connect
+
+    conn = await connect(db)
+    try:
+        await conn.execute("UPDATE jobledger.jobs SET priority = 7")
+        code, out, _ = await cli(db, "verify")
+        assert code == 1 and f"jobs {job.id}: fields differ" in out and "priority" in out
+        code, out, _ = await cli(db, "projections", "rebuild", "jobs")
+        assert code == 0 and "jobs: rebuilt from 1 events" in out
+        code, out, _ = await cli(db, "verify")
+        assert code == 0
+    finally:
+        await conn.close()
