@@ -191,8 +191,12 @@ def parse_order(order_by: str | Sequence[str] | None) -> list[tuple[str, bool]]:
 
 
 def order_sql(keys: list[tuple[str, bool]]) -> str:
-    """The ORDER BY list (NULLs last in both directions)."""
-    return ", ".join(f"{f} {'DESC' if d else 'ASC'} NULLS LAST" for f, d in keys)
+    """The ORDER BY list. NULLs sort last in both directions; the clause is only
+    written for nullable fields, so the others match their indexes exactly."""
+    return ", ".join(
+        f"{f} {'DESC' if d else 'ASC'}" + (" NULLS LAST" if f in NULLABLE_ORDER else "")
+        for f, d in keys
+    )
 
 
 def _cast(field: str) -> str:

@@ -1017,7 +1017,7 @@ class JobLedger:
             )
         ]
         for start in range(0, len(ids), BULK_BATCH):
-            deleted += await self._bulk(
+            deleted += await self.transition_many(
                 ids[start : start + BULK_BATCH],
                 lambda _: ev.Deleted(),
                 actor=actor,
@@ -1026,13 +1026,19 @@ class JobLedger:
             )
         return deleted
 
-    async def _bulk(
+    async def transition_many(
         self,
         ids: Sequence[UUID],
         build: Callable[[Job], ev.Event | None],
         **how: Any,
     ) -> int:
-        """Apply ``build`` to many jobs, one statement per round; reload the ones that moved."""
+        """Apply ``build`` to many jobs, one statement per round; return how many moved.
+
+        Like :meth:`transition` for each job (same lifecycle checks and audit
+        fields in ``how``), but one statement for the whole batch. Jobs the
+        lifecycle refuses, deleted jobs and jobs for which ``build`` returns
+        ``None`` are skipped; jobs moved concurrently are reloaded and retried.
+        """
         done = 0
         pending = list(ids)
         for _ in range(MAX_CONFLICT_RETRIES):

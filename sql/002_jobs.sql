@@ -62,11 +62,13 @@ CREATE INDEX jobs_running ON jobledger.jobs (worker)
 CREATE UNIQUE INDEX jobs_idempotency_key ON jobledger.jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
--- Listing: the common filters with the default order (newest first).
-CREATE INDEX jobs_status_created ON jobledger.jobs (status, created_at DESC);
-CREATE INDEX jobs_operator_status_created ON jobledger.jobs (operator, status, created_at DESC);
-CREATE INDEX jobs_queue_created ON jobledger.jobs (queue, created_at DESC);
-CREATE INDEX jobs_created ON jobledger.jobs (created_at DESC);
+-- Listing: the common filters with the default order (newest first, then id,
+-- the tie-breaker every listing ends with), so a page is an index range scan.
+CREATE INDEX jobs_status_created ON jobledger.jobs (status, created_at DESC, id DESC);
+CREATE INDEX jobs_operator_status_created
+    ON jobledger.jobs (operator, status, created_at DESC, id DESC);
+CREATE INDEX jobs_queue_created ON jobledger.jobs (queue, created_at DESC, id DESC);
+CREATE INDEX jobs_created ON jobledger.jobs (created_at DESC, id DESC);
 CREATE INDEX jobs_parent ON jobledger.jobs (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX jobs_owner ON jobledger.jobs (owner, created_at DESC) WHERE owner IS NOT NULL;
 CREATE INDEX jobs_tags ON jobledger.jobs USING gin (tags);
