@@ -178,7 +178,9 @@ async def create(
     if not changes:
         return {}
     rows, events = _encode_batch(changes)
-    result = await conn.fetch(Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify)
+    keyed = any(c.state.idempotency_key is not None for c in changes)
+    query = Q.create_streams if keyed else Q.create_streams_plain
+    result = await conn.fetch(query, msgspec.Raw(rows), msgspec.Raw(events), notify)
     return {r["job_id"]: r["position"] for r in result}
 
 

@@ -19,6 +19,7 @@ other projections lag (never lose events) while it runs.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,21 @@ async def rebuild_projection(
         await projection.clear(conn)
         done = 0
         at = Checkpoint()
+        whole = getattr(projection, "rebuild_from", None)
+        if whole is not None:
+            # The projection folds the whole log in memory and writes once.
+            batches: list[list[Any]] = []
+            while events := await read_log(conn, at, batch_size):
+                batches.append(events)
+                at = Checkpoint.after(events[-1])
+                done += len(events)
+                if progress:
+                    progress(done, total)
+            handled = await whole(conn, batches)
+            await conn.execute(
+                Q.checkpoint_set, projection.name, str(at.tx_id), at.position, handled
+            )
+            return done
         while events := await read_log(conn, at, batch_size):
             types = projection.event_types
             handled = [e for e in events if types is None or e.type in types]
@@ -63,25 +79,31 @@ async def rebuild_projection(
     return done
 
 
+_row = operator.attrgetter(*JOB_FIELDS)
+
+
 async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
     """Rebuild the ``jobs`` table by folding every stream through the reducer."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(Q.lock_jobs_for_rebuild)
         total = await _event_count(conn)
-        await conn.execute(Q.jobs_rebuild_table)
+        # Readers keep seeing the deleted rows until this transaction commits.
+        await conn.execute(Q.jobs_delete_all)
         rows: list[tuple[Any, ...]] = []
         state: Job | None = None
         current = None
         done = 0
 
         async def flush() -> None:
-            await conn.copy_records_to_table("jobs_rebuild", records=rows, columns=list(JOB_FIELDS))
+            await conn.copy_records_to_table(
+                "jobs", schema_name="jobledger", records=rows, columns=list(JOB_FIELDS)
+            )
             rows.clear()
 
         async for row in conn.cursor(Q.stream_all_events, prefetch=10_000):
             if row["job_id"] != current:
                 if state is not None:
-                    rows.append(tuple(getattr(state, f) for f in JOB_FIELDS))
+                    rows.append(_row(state))
                     if len(rows) >= 10_000:
                         await flush()
                 current, state = row["job_id"], None
@@ -90,9 +112,8 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
             if progress and done % 10_000 == 0:
                 progress(done, total)
         if state is not None:
-            rows.append(tuple(getattr(state, f) for f in JOB_FIELDS))
+            rows.append(_row(state))
         await flush()
-        await conn.execute(Q.jobs_replace_from_rebuild)
         if progress:
             progress(done, total)
     return done

@@ -36,14 +36,10 @@ WHERE name = $1;
 -- Hold writers of the jobs table (readers are not blocked) during its rebuild.
 LOCK TABLE jobledger.jobs IN EXCLUSIVE MODE;
 
--- name: jobs_rebuild_table
--- A temporary table shaped like jobs, dropped at commit.
-CREATE TEMPORARY TABLE jobs_rebuild (LIKE jobledger.jobs) ON COMMIT DROP;
-
--- name: jobs_replace_from_rebuild
--- Replace the jobs rows with the rebuilt ones (readers see the swap at commit).
+-- name: jobs_delete_all
+-- The first half of a jobs rebuild: the rebuilt rows are then copied in, and
+-- readers see the old rows until the rebuild's transaction commits.
 DELETE FROM jobledger.jobs;
-INSERT INTO jobledger.jobs SELECT * FROM jobs_rebuild;
 
 -- name: event_count
 -- How many events the log holds.

@@ -67,6 +67,27 @@ SELECT ins.job_id, ins.position,
                               WHERE $3::text IS NOT NULL) AS n) AS notified
 FROM ins;
 
+-- name: create_streams_plain
+-- create_streams for a batch in which no job has an idempotency key: the same
+-- statement without the conflict clause, which costs a speculative insertion per row.
+WITH created AS (
+    INSERT INTO jobledger.jobs
+    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+    RETURNING id
+),
+ins AS (
+    INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
+    SELECT e.job_id, 1, e.type, e.data, e.meta, e.recorded_at
+    FROM jsonb_to_recordset($2::jsonb)
+         AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
+    JOIN created ON created.id = e.job_id
+    RETURNING job_id, position
+)
+SELECT ins.job_id, ins.position,
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
+                              WHERE $3::text IS NOT NULL) AS n) AS notified
+FROM ins;
+
 -- name: load_job
 -- One job's current row, as JSON for msgspec.
 SELECT to_json(j) FROM jobledger.jobs AS j WHERE j.id = $1;
