@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from bench.peer_worker import stamp as print_stamp
 from engine import JobContext, JobLedger
 
 ledger = JobLedger(actor="bench", application_name="jobledger-bench")
@@ -16,5 +17,6 @@ async def noop(ctx: JobContext) -> None:
 
 @ledger.operator("stamp")
 async def stamp(ctx: JobContext) -> float:
-    """Return the wall-clock time the handler started (pickup latency)."""
+    """Print and return the wall-clock time the handler started (pickup latency)."""
+    print_stamp()
     return time.time()

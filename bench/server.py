@@ -15,8 +15,9 @@ from engine.postgres import connect, embedded_dsn, migrate
 
 
 @contextlib.asynccontextmanager
-async def bench_database(label: str) -> AsyncIterator[str]:
-    """A fresh migrated database for one benchmark; dropped afterwards."""
+async def bench_database(label: str, *, migrated: bool = True) -> AsyncIterator[str]:
+    """A fresh database for one benchmark (with jobledger's schema unless
+    ``migrated=False``, for the peers); dropped afterwards."""
     admin_dsn = os.environ.get("BENCH_DSN")
     if not admin_dsn:
         home = os.environ.get("BENCH_HOME") or tempfile.mkdtemp(prefix="jlbench-")
@@ -26,9 +27,10 @@ async def bench_database(label: str) -> AsyncIterator[str]:
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = urlsplit(admin_dsn)._replace(path=f"/{name}").geturl()
     try:
-        conn = await connect(dsn)
-        await migrate(conn)
-        await conn.close()
+        if migrated:
+            conn = await connect(dsn)
+            await migrate(conn)
+            await conn.close()
         yield dsn
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
