@@ -176,7 +176,10 @@ def table(results: dict, names: list[str], args: argparse.Namespace) -> str:
         rows.append(
             (
                 "  CPU per job, client / server (ms)",
-                {k: f"{med(v, 'client_cpu'):.3f} / {med(v, 'server_cpu'):.3f}" for k, v in d.items()},
+                {
+                    k: f"{med(v, 'client_cpu'):.3f} / {med(v, 'server_cpu'):.3f}"
+                    for k, v in d.items()
+                },
             )
         )
     lat = results["latency"]
@@ -207,7 +210,9 @@ async def main_async(args: argparse.Namespace) -> None:
             for name in [*names, "raw"]:
                 res = await submits(name, args)
                 results["submit"].setdefault(name, []).append(res)
-                say(f"round {r + 1} submit {name}: {res['submit']:,.0f} / {res['submit_many']:,.0f}")
+                say(
+                    f"round {r + 1} submit {name}: {res['submit']:,.0f} / {res['submit_many']:,.0f}"
+                )
         if "drain" in args.only:
             for procs in (1, 2):
                 for name in names:

@@ -23,7 +23,7 @@ def stamp() -> None:
 
 async def run_pgqueuer(dsn: str, batch_size: int) -> None:
     import asyncpg
-    from pgqueuer import AsyncpgDriver, QueueManager, Queries
+    from pgqueuer import AsyncpgDriver, Queries, QueueManager
 
     conn = await asyncpg.connect(dsn)
     qm = QueueManager(Queries(AsyncpgDriver(conn)))

@@ -250,6 +250,4 @@ class Procrastinate(System):
         return row[0], row[1], row[2]
 
 
-SYSTEMS: dict[str, type[System]] = {
-    s.name: s for s in (Jobledger, Pgqueuer, Procrastinate, Raw)
-}
+SYSTEMS: dict[str, type[System]] = {s.name: s for s in (Jobledger, Pgqueuer, Procrastinate, Raw)}
