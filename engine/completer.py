@@ -24,8 +24,9 @@ answer (the new state, or ``None`` when fenced).
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +66,7 @@ class Hold:
 
     state: Job
     worker: str
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     scope: anyio.CancelScope | None = None
     cancel_reason: str | None = None  # "requested", "shutdown" or "lost"
     started: float = field(default_factory=time.monotonic)
@@ -98,7 +99,8 @@ class _Pending:
     event: ev.Event
     reason: str | None
     message: str | None
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event  # shared by the items of one batch, set once all are resolved
+    finished: bool = False
     result: Job | None = None
     error: BaseException | None = None
 
@@ -117,11 +119,15 @@ class Completer:
     ) -> None:
         self.ledger = ledger
         self.worker = worker
+        self._actor = f"worker:{worker}"
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self.retry_for = retry_for
         self._queue: list[_Pending] = []
+        self._batch_done = anyio.Event()  # the event of the items queued since the last take
         self._wake = anyio.Event()
+        self._serial = itertools.count()
+        self._cid_prefix = secrets.token_hex(8)
         self.refused = 0
 
     async def write(
@@ -133,10 +139,11 @@ class Completer:
         message: str | None = None,
     ) -> Job | None:
         """Append ``event`` for ``hold``; the new state, or ``None`` when fenced off."""
-        item = _Pending(hold, event, reason, message)
+        item = _Pending(hold, event, reason, message, self._batch_done)
         self._queue.append(item)
         self._wake.set()
-        await item.done.wait()
+        while not item.finished:  # an item left over from a full batch moves to the next
+            await item.done.wait()
         if item.error is not None:
             raise item.error
         return item.result
@@ -152,50 +159,56 @@ class Completer:
                 self._wake = anyio.Event()
                 await anyio.sleep(self.flush_interval)
                 while self._queue:
-                    batch, self._queue = (
-                        self._queue[: self.max_batch],
-                        self._queue[self.max_batch :],
-                    )
-                    await self._flush_safely(batch)
+                    await self._flush_safely(self._take())
         finally:
             with anyio.CancelScope(shield=True):
                 while self._queue:
-                    batch, self._queue = (
-                        self._queue[: self.max_batch],
-                        self._queue[self.max_batch :],
-                    )
-                    await self._flush_safely(batch)
+                    await self._flush_safely(self._take())
+
+    def _take(self) -> list[_Pending]:
+        """The next batch to write; items queued from now on wait on a new event."""
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._batch_done = anyio.Event()
+        for item in self._queue:  # left for the next batch
+            item.done = self._batch_done
+        return batch
 
     async def _flush_safely(self, batch: list[_Pending]) -> None:
-        """Flush; an unexpected error fails that batch's callers, never the service."""
+        """Flush, then wake the batch's callers; an unexpected error fails those
+        callers whose write was not resolved, never the service."""
+        resolved: set[_Pending] = set()
         try:
-            await self._flush(batch)
+            await self._flush(batch, resolved)
         except Exception as exc:  # the service must outlive any one batch
             log.error("completer_batch_failed", error=repr(exc), jobs=len(batch))
             for item in batch:
-                if not item.done.is_set():
+                if item not in resolved:
                     item.error = exc
-                    item.done.set()
+        finally:
+            for item in batch:
+                item.finished = True
+            for done in {id(item.done): item.done for item in batch}.values():
+                done.set()
 
-    async def _flush(self, batch: list[_Pending]) -> None:
+    async def _flush(self, batch: list[_Pending], resolved: set[_Pending]) -> None:
         by_job: dict[Any, list[_Pending]] = {}
         for item in batch:
             by_job.setdefault(item.hold.state.id, []).append(item)
         # One event per job per statement; a job's further events go after.
         first = [items[0] for items in by_job.values()]
         rest = [i for items in by_job.values() for i in items[1:]]
-        await self._write_many(first)
+        await self._write_many(first, resolved)
         for item in rest:
-            await self._write_many([item])
+            await self._write_many([item], resolved)
 
-    async def _write_many(self, items: list[_Pending]) -> None:
+    async def _write_many(self, items: list[_Pending], resolved: set[_Pending]) -> None:
         pending: list[tuple[_Pending, Change, str]] = []
         for item in items:
             try:
                 change, cid = self._change(item)
             except Exception as exc:  # a lifecycle or encoding error belongs to that caller
                 item.error = exc
-                item.done.set()
+                resolved.add(item)
                 continue
             pending.append((item, change, cid))
         if not pending:
@@ -215,23 +228,23 @@ class Completer:
             if change.state.id in stored:
                 item.hold.state = change.state
                 item.result = change.state
-                item.done.set()
             else:
                 await self._resolve(item, change, cid)
+            resolved.add(item)
 
     def _change(self, item: _Pending) -> tuple[Change, str]:
-        cid = uuid.uuid4().hex
+        # Unique per write: a random prefix per completer and a serial number.
+        cid = f"{self._cid_prefix}/{next(self._serial)}"
         change = self.ledger.make_change(
             item.hold.state,
             item.event,
-            actor=f"worker:{self.worker}",
+            actor=self._actor,
             reason=item.reason,
             message=item.message,
             worker=self.worker,
+            correlation_id=cid,
         )
-        meta = msgspec.structs.replace(change.recorded.meta, correlation_id=cid)
-        rec = msgspec.structs.replace(change.recorded, meta=meta)
-        return Change(change.state, rec), cid
+        return change, cid
 
     async def _resolve(self, item: _Pending, change: Change, cid: str) -> None:
         """The batch write did not land for this job: find out why, then retry or refuse."""
@@ -282,7 +295,6 @@ class Completer:
             except Exception as exc:  # e.g. the event no longer applies: that caller's error
                 item.error = exc
                 break
-        item.done.set()
 
     async def _landed(self, change: Change, cid: str) -> bool:
         row = await self.ledger.pool.fetchrow(

@@ -29,10 +29,17 @@ class JobContext:
         self._interval = progress_interval
         self._pending: ev.Progressed | None = None
         self._last_write = 0.0
-        job = hold.state
-        self.logger = structlog.get_logger("jobledger.job").bind(
-            job_id=str(job.id), operator=job.operator, attempt=job.attempt, run=job.run
-        )
+        self._logger: Any = None
+
+    @property
+    def logger(self) -> Any:
+        """A structlog logger bound with the job's id, operator, attempt and run."""
+        if self._logger is None:
+            job = self._hold.state
+            self._logger = structlog.get_logger("jobledger.job").bind(
+                job_id=str(job.id), operator=job.operator, attempt=job.attempt, run=job.run
+            )
+        return self._logger
 
     @property
     def job(self) -> Job:

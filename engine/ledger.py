@@ -774,12 +774,14 @@ class JobLedger:
         force: bool = False,
         worker: str | None = None,
         at: datetime | None = None,
+        correlation_id: str | None = None,
     ) -> Change:
         """The change ``event`` makes to ``state``, checked against the lifecycle.
 
         Raises :class:`InvalidTransition` unless the lifecycle allows the event
         in the job's status or ``force`` is set; a forced bypass is recorded as
-        ``meta.forced``.
+        ``meta.forced``. ``correlation_id`` marks the event so that a writer
+        whose connection dropped can tell whether its write landed.
         """
         ok = lifecycle.allowed(state.status, event.tag)
         rec = ev.Recorded(
@@ -793,6 +795,7 @@ class JobLedger:
                 message=message,
                 worker=worker,
                 forced=force and not ok,
+                correlation_id=correlation_id,
             ),
         )
         new = apply(state, rec)

@@ -145,10 +145,24 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     return conn
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing beyond asyncpg's rollback of an open transaction."""
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any
 ) -> asyncpg.Pool:
-    """A connection pool with jobledger's codecs."""
+    """A connection pool with jobledger's codecs.
+
+    A connection goes back to the pool without asyncpg's default reset query
+    (``RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()``), which
+    would cost a second round trip on every one-statement call. An open
+    transaction is still rolled back (asyncpg always does that). jobledger
+    leaves no session state on pooled connections: transaction-scoped advisory
+    locks and ``set_config(..., true)`` only, LISTEN on its own connection.
+    Code borrowing ``ledger.pool`` must do the same.
+    """
+    kwargs.setdefault("reset", _keep_session)
     try:
         return await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, init=init_connection, **kwargs

@@ -154,7 +154,13 @@ async def append(
         return {}
     rows, events = _encode_batch(changes)
     try:
-        result = await conn.fetch(Q.append_events, msgspec.Raw(rows), msgspec.Raw(events), notify)
+        result = await conn.fetch(
+            Q.append_events,
+            msgspec.Raw(rows),
+            msgspec.Raw(events),
+            notify,
+            [c.state.id for c in changes],
+        )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_stream_version":
             # The row guard let it through but the log already has that

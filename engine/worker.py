@@ -37,6 +37,7 @@ at once). Final writes run shielded, with their own timeout.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import secrets
@@ -197,7 +198,9 @@ class Worker:
     async def _claim_loop(self, jobs: anyio.abc.TaskGroup) -> None:
         delay = 0.1
         while not self._stopping.is_set():
-            free = self.concurrency - len(self.holds)
+            # At most half the slots per claim, so that one batch's handlers
+            # and outcome writes overlap the next claim instead of alternating.
+            free = min(self.concurrency - len(self.holds), max(1, self.concurrency // 2))
             if self.limit is not None:
                 free = min(free, self.limit - self.claimed)
                 if free <= 0 and self.claimed >= self.limit:
@@ -264,30 +267,35 @@ class Worker:
         job = hold.state
         ctx = JobContext(hold, self.completer, progress_interval=self.progress_interval)
         self.contexts[job.id] = ctx
-        log_ = ctx.logger.bind(worker=self.id)
-        log_.info("job_started")
+        # Per-job logging binds a logger: skip it when info is filtered out.
+        enabled = getattr(self.log, "is_enabled_for", None)
+        verbose = enabled is None or enabled(logging.INFO)
+        if verbose:
+            ctx.logger.info("job_started", worker=self.id)
         try:
             outcome, reason = await self._call_handler(hold, ctx)
             if outcome is None:
                 return
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.final_write_timeout):
+            deadline = anyio.current_time() + self.final_write_timeout
+            with anyio.CancelScope(shield=True, deadline=deadline):
                 if ctx.has_pending and hold.cancel_reason != "lost":
                     await ctx.flush()
                 if hold.cancel_reason == "lost":
                     return
                 async with hold.lock:
                     new = await self.completer.write(hold, outcome, reason=reason)
-                if new is not None:
+                if new is not None and verbose:
                     final = new.status in lifecycle.TERMINAL
-                    log_.info(
+                    ctx.logger.info(
                         f"job_{new.status}" if final else "job_retry_scheduled",
+                        worker=self.id,
                         duration_ms=round((time.monotonic() - hold.started) * 1000),
                         error=new.error.type if new.error and new.status != "completed" else None,
                         retry_at=None if final else new.run_at.isoformat(),
                     )
         except Exception as exc:  # a failed outcome write must not take the worker down
             self.failed_writes += 1
-            log_.error("job_outcome_not_recorded", error=repr(exc))
+            ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
         finally:
             self.holds.pop(job.id, None)
             self.contexts.pop(job.id, None)
@@ -300,19 +308,16 @@ class Worker:
 
         job = hold.state
         op = self.ledger.registry[job.operator]
-        with anyio.CancelScope() as scope:
+        # One scope: the job's timeout is its deadline, and cancel requests,
+        # shutdown and lost holds cancel it (hold.cancel names which).
+        deadline = anyio.current_time() + job.timeout if job.timeout else math.inf
+        with anyio.CancelScope(deadline=deadline) as scope:
             hold.scope = scope
             if hold.cancel_reason is not None:
                 scope.cancel()
             try:
                 inputs = op.decode_inputs(job.inputs) if op.takes_inputs else None
-                with anyio.move_on_after(job.timeout if job.timeout else math.inf) as deadline:
-                    result = await (op.handler(ctx, inputs) if op.takes_inputs else op.handler(ctx))
-                if deadline.cancelled_caught:
-                    error = ev.ErrorInfo(
-                        type="timeout", message=f"exceeded its timeout of {job.timeout:g}s"
-                    )
-                    return ev.Failed(error=error, retry_at=retry_at(hold.state, utcnow())), None
+                result = await (op.handler(ctx, inputs) if op.takes_inputs else op.handler(ctx))
                 return ev.Completed(result=op.encode_result(result)), None
             except InvalidInputs as exc:
                 return ev.Failed(error=error_info(exc)), "inputs do not decode"
@@ -325,6 +330,10 @@ class Worker:
                 return ev.Failed(
                     error=error_info(exc), retry_at=retry_at(hold.state, utcnow())
                 ), None
+        if hold.cancel_reason is None:  # only the deadline cancels without a reason
+            message = f"exceeded its timeout of {job.timeout:g}s"
+            error = ev.ErrorInfo(type="timeout", message=message)
+            return ev.Failed(error=error, retry_at=retry_at(hold.state, utcnow())), None
         # The scope was cancelled from outside: by a cancel request, shutdown or a lost hold.
         match hold.cancel_reason:
             case "requested":

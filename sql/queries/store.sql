@@ -25,7 +25,7 @@ moved AS (
          s.run_link, s.status_reason, s.status_message, s.idempotency_key, s.created_at,
          s.started_at, s.finished_at, s.updated_at, s.status_changed_at, s.deleted_at)
     FROM s
-    WHERE j.id = s.id AND j.version = s.version - 1
+    WHERE j.id = ANY($4::uuid[]) AND j.id = s.id AND j.version = s.version - 1
     RETURNING j.id
 ),
 ins AS (
