@@ -18,45 +18,22 @@ the table shows medians and ratios taken in this one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import anyio
 
-from bench.drain import pct
-from bench.server import bench_database
-from bench.systems import SETTINGS, SYSTEMS, System
-from bench.workers import cpu_seconds, postgres_cpu_seconds
+from bench.server import bench_database, quiet
+from bench.stats import pct
+from bench.systems import SETTINGS, SYSTEMS
+from bench.workers import cpu_seconds, postgres_cpu_seconds, workers
 
 PEERS = ("jobledger", "pgqueuer", "procrastinate")
 # Enqueue rates assumed when scheduling a drain's jobs ahead (jobs/s, low on purpose).
 ENQUEUE_RATE = {"jobledger": 4000, "pgqueuer": 4000, "procrastinate": 800}
-
-
-@contextlib.contextmanager
-def workers(system: System, n: int, args: argparse.Namespace, **popen) -> Iterator[list]:
-    """``n`` worker processes of ``system``, terminated (SIGTERM) on exit."""
-    env = {**os.environ, "JOBLEDGER_LOG_LEVEL": "warning"}
-    cmd = system.worker_command(args.concurrency, args.batch_size)
-    procs = [subprocess.Popen(cmd, env=env, **popen) for _ in range(n)]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 async def submits(name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -245,6 +222,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=10, help="pgqueuer's dequeue batch size")
     p.add_argument("--latency-samples", type=int, default=200)
     p.add_argument("--timeout", type=float, default=600, help="seconds a drain may take")
+    quiet()
     anyio.run(main_async, p.parse_args())
 
 

@@ -21,8 +21,8 @@ import time
 
 import anyio
 
-from bench.drain import pct
-from bench.server import bench_database
+from bench.server import bench_database, quiet
+from bench.stats import pct
 from engine import JobLedger
 from engine import events as ev
 from projections.rebuild import rebuild_jobs, rebuild_projection
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1_000_000)
     p.add_argument("--finished", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=200)
+    quiet()
     anyio.run(main_async, p.parse_args())
 
 

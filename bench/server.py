@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import uuid
@@ -10,8 +11,14 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import asyncpg
+import structlog
 
 from engine.postgres import connect, embedded_dsn, migrate
+
+
+def quiet() -> None:
+    """Log warnings only: a benchmark's output is its results."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 @contextlib.asynccontextmanager

@@ -1,41 +1,30 @@
-"""Worker processes for benchmarks."""
+"""Worker processes for benchmarks, and the CPU they (and PostgreSQL) use."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+if TYPE_CHECKING:
+    from bench.systems import System
+
 
 @contextlib.contextmanager
-def worker_processes(
-    dsn: str, n: int, *, concurrency: int, burst: bool = False, extra: tuple[str, ...] = ()
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``n`` jobledger worker processes for bench.app, stopped on exit."""
-    env = {**os.environ, "JOBLEDGER_DSN": dsn, "JOBLEDGER_LOG_LEVEL": "warning"}
-    args = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "--app",
-        "bench.app:ledger",
-        "worker",
-        "--concurrency",
-        str(concurrency),
-        "--heartbeat",
-        "1",
-        "--poll",
-        "0.5",
-        *extra,
-    ]
-    if burst:
-        args.append("--burst")
-    procs = [subprocess.Popen(args, env=env) for _ in range(n)]
+def workers(system: System, n: int, args: argparse.Namespace, **popen: Any) -> Iterator[list]:
+    """``n`` worker processes of ``system``, terminated (SIGTERM) on exit.
+
+    ``args`` gives ``concurrency`` and pgqueuer's ``batch_size``; ``popen``
+    goes to :class:`subprocess.Popen` (e.g. ``stdout=subprocess.PIPE``).
+    """
+    env = {**os.environ, "JOBLEDGER_LOG_LEVEL": "warning"}
+    cmd = system.worker_command(args.concurrency, args.batch_size)
+    procs = [subprocess.Popen(cmd, env=env, **popen) for _ in range(n)]
     try:
         yield procs
     finally:
@@ -47,6 +36,7 @@ def worker_processes(
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -68,12 +58,3 @@ def postgres_cpu_seconds() -> float:
                 t = proc.cpu_times()
                 total += t.user + t.system
     return total
-
-
-def wait_until(predicate, timeout: float) -> None:
-    """Poll ``predicate`` until true or fail."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish in time")
-        time.sleep(0.05)
