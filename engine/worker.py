@@ -4,11 +4,12 @@ A :class:`Worker` is a service with one anyio task group holding:
 
 * the **claim loop**: claims ready jobs in batches sized to its free slots,
   at most half of ``concurrency`` per claim so that one batch's handlers and
-  outcome writes overlap the next claim (``SELECT ... FOR UPDATE SKIP LOCKED`` on the ``jobs_ready`` index, then
-  ``job.started`` appended for each in the same transaction, computed by the
-  reducer). It sleeps until a NOTIFY says its queues got work, the next
-  scheduled job is due, or ``poll_interval`` passes (``listen=False`` on the
-  ledger turns NOTIFY off, e.g. behind PgBouncer in transaction mode);
+  outcome writes overlap the next claim (``SELECT ... FOR UPDATE SKIP
+  LOCKED`` on the ``jobs_ready`` index, then ``job.started`` appended for
+  each in the same transaction, computed by the reducer). It sleeps until a
+  NOTIFY says its queues got work, the next scheduled job is due, or
+  ``poll_interval`` passes (``listen=False`` on the ledger turns NOTIFY off,
+  e.g. behind PgBouncer in transaction mode);
 * one **task per running job**, bounded by ``concurrency``, each inside its own
   cancel scope (whose deadline is the job's timeout);
 * the **heartbeat**: updates the worker's row, learns which of its jobs were
