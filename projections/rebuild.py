@@ -20,7 +20,7 @@ other projections lag (never lose events) while it runs.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.sqlfiles import Q
@@ -51,15 +51,18 @@ async def rebuild_projection(
         at = Checkpoint()
         whole = getattr(projection, "rebuild_from", None)
         if whole is not None:
-            # The projection folds the whole log in memory and writes once.
-            batches: list[list[Any]] = []
-            while events := await read_log(conn, at, batch_size):
-                batches.append(events)
-                at = Checkpoint.after(events[-1])
-                done += len(events)
-                if progress:
-                    progress(done, total)
-            handled = await whole(conn, batches)
+            # The projection folds the log in memory as it streams by (one
+            # batch at a time: the events are not kept) and writes once.
+            async def batches() -> AsyncIterator[list[Any]]:
+                nonlocal at, done
+                while events := await read_log(conn, at, batch_size):
+                    yield events
+                    at = Checkpoint.after(events[-1])
+                    done += len(events)
+                    if progress:
+                        progress(done, total)
+
+            handled = await whole(conn, batches())
             await conn.execute(
                 Q.checkpoint_set, projection.name, str(at.tx_id), at.position, handled
             )

@@ -17,7 +17,7 @@ out. The live projection, verify, rebuild and prune all use it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -220,8 +220,8 @@ class ReportProjection:
                 Q.report_jobs_put, msgspec.Raw(msgspec.json.encode(list(jobs.values())))
             )
 
-    async def rebuild_from(self, conn: Any, batches: list[list[ev.Recorded]]) -> int:
-        """Rebuild fast path: fold the whole log in memory, write each table once.
+    async def rebuild_from(self, conn: Any, batches: AsyncIterator[list[ev.Recorded]]) -> int:
+        """Rebuild fast path: fold the log as it streams by, write each table once.
 
         Called by :func:`projections.rebuild.rebuild_projection` after
         :meth:`clear` (which left the baseline in ``report_buckets``).
@@ -231,7 +231,7 @@ class ReportProjection:
         jobs: dict[UUID, ReportJob] = {}
         deltas: dict[Key, Delta] = {}
         handled = 0
-        for batch in batches:
+        async for batch in batches:
             mine = [e for e in batch if e.type in EVENT_TYPES]
             handled += len(mine)
             fold(mine, jobs, deltas)

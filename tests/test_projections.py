@@ -62,6 +62,20 @@ async def test_gap_free_read_waits_for_a_late_committer(ledger: JobLedger, db: s
             await c.close()
 
 
+async def test_reading_the_log_walks_its_index(ledger: JobLedger) -> None:
+    """Each batch of read_log is an index range scan in (tx_id, position) order, never a
+    sort of the rest of the log (which made catch-up and rebuilds quadratic)."""
+    from engine.sqlfiles import Q
+
+    await ledger.submit_many([{"operator": "noop"}] * 50)
+    async with ledger.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + Q.read_log, "0", 0, 10)
+    text = plan if isinstance(plan, str) else msgspec.json.encode(plan).decode()
+    assert "events_tx_order" in text
+    assert '"Sort"' not in text
+
+
 async def test_runner_applies_every_event_once(ledger: JobLedger) -> None:
     jobs = await ledger.submit_many([{"operator": "noop"}] * 20)
     for j in jobs[:10]:
