@@ -139,8 +139,8 @@ def compile_filters(filters: dict[str, Any], *, start: int = 0) -> Compiled:
             tags = [str(t) for t in _values(name, value)]
             want = [t for t in tags if not t.startswith("-")]
             avoid = [t[1:] for t in tags if t.startswith("-")]
-            if want:
-                clauses.append(f"tags @> {c.param(want)}::text[]")
+            if want:  # "<> '{}'" lets the planner use the partial index jobs_tags
+                clauses.append(f"tags @> {c.param(want)}::text[] AND tags <> '{{}}'")
             if avoid:
                 clauses.append(f"NOT (tags && {c.param(avoid)}::text[])")
         elif name == "context":
@@ -149,7 +149,8 @@ def compile_filters(filters: dict[str, Any], *, start: int = 0) -> Compiled:
             for key, wanted in value.items():
                 options = wanted if isinstance(wanted, list | tuple | set | frozenset) else [wanted]
                 ors = [f"context @> {c.param({str(key): v})}::jsonb" for v in options]
-                clauses.append("(" + " OR ".join(ors) + ")")
+                # "<> '{}'" lets the planner use the partial index jobs_context.
+                clauses.append("(" + " OR ".join(ors) + ") AND context <> '{}'")
         elif name == "search":
             pattern = (
                 "%" + str(value).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

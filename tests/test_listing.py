@@ -111,3 +111,27 @@ async def test_bad_filters_are_clear_errors(ledger: JobLedger, jobs) -> None:
     # Injection attempts are values, never SQL.
     assert await ledger.count(operator="noop' OR '1'='1") == 0
     assert await ledger.count(context={"x') OR true --": 1}) == 0
+
+
+@pytest.mark.parametrize(
+    ("filters", "index"),
+    [
+        ({"tags": ["gpu"]}, "jobs_tags"),
+        ({"context": {"dataset": ["d1", "d2"]}}, "jobs_context"),
+    ],
+)
+async def test_tag_and_context_filters_can_use_their_partial_indexes(
+    ledger: JobLedger, jobs, filters: dict, index: str
+) -> None:
+    """jobs_tags and jobs_context index only non-empty values; the filters say so, or the
+    planner could not use them."""
+    from engine.filters import compile_filters
+
+    c = compile_filters(filters)
+    async with ledger.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = await conn.fetch(
+            f"EXPLAIN SELECT count(*) FROM jobledger.jobs WHERE {c.where}", *c.params
+        )
+    assert index in "\n".join(r[0] for r in plan)
+    assert await ledger.count(**filters) == len(await ledger.list(**filters, limit=1000)) > 0
