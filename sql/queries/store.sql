@@ -122,7 +122,7 @@ ORDER BY job_id, version;
 -- below it can still appear. See engine/store.py for why this is gap-free.
 -- ORDER BY names the table's columns (e.): a bare tx_id would mean the output
 -- column, the bigint cast, and sort the whole rest of the log on every batch
--- instead of walking the events_tx_order index.
+-- instead of walking the events_pkey index, (tx_id, position).
 SELECT e.position, e.job_id, e.version, e.type, e.data::text AS data, e.meta::text AS meta,
        e.recorded_at, e.tx_id::text::bigint AS tx_id
 FROM jobledger.events AS e
