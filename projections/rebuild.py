@@ -38,7 +38,13 @@ async def _event_count(conn: Any) -> int:
 async def rebuild_projection(
     pool: Any, projection: Projection, *, batch_size: int = 5000, progress: Progress | None = None
 ) -> int:
-    """Rebuild an async projection from the whole log; return the events read."""
+    """Rebuild an async projection from the whole log; return the events read.
+
+    A projection may offer ``async rebuild_from(conn, batches) -> handled``,
+    given the log as an async iterator of event batches, to fold it all in
+    memory and write its tables once; otherwise each batch goes to
+    ``handle`` as the runner would feed it.
+    """
     from engine.store import Checkpoint, read_log
 
     async with pool.acquire() as conn, conn.transaction():
