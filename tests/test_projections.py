@@ -200,6 +200,91 @@ async def test_readers_are_not_blocked_during_a_jobs_rebuild(ledger: JobLedger, 
     assert counts == [5]
 
 
+async def _jobs_table(conn) -> tuple[list[tuple[str, str]], object, object]:
+    """The jobs table's indexes, storage options and grants, as the catalog has them."""
+    indexes = await conn.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes"
+        " WHERE schemaname = 'jobledger' AND tablename = 'jobs' ORDER BY indexname"
+    )
+    options, acl = await conn.fetchrow(
+        "SELECT reloptions, relacl::text[] FROM pg_class WHERE oid = 'jobledger.jobs'::regclass"
+    )
+    return [tuple(r) for r in indexes], options, acl
+
+
+async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
+    ledger: JobLedger, db: str
+) -> None:
+    jobs = await ledger.submit_many(
+        [{"operator": "noop", "tags": ["t"], "context": {"k": i}} for i in range(20)]
+    )
+    await ledger.mark_running(jobs[0].id)
+    conn = await connect(db)
+    try:
+        await conn.execute("ALTER TABLE jobledger.jobs SET (fillfactor = 80)")
+        await conn.execute("GRANT SELECT ON jobledger.jobs TO PUBLIC")
+        await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        before = await _jobs_table(conn)
+        listed = await ledger.list(status="queued", limit=50)  # prepared before the swap
+        assert await rebuild_jobs(ledger.pool) == 21
+        assert await _jobs_table(conn) == before
+        assert before[1] == ["fillfactor=80"] and any("=r/" in a for a in before[2])
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        assert {j.label for j in await ledger.list(limit=50)} == {"noop"}
+    finally:
+        await conn.close()
+    # The pooled connections' prepared statements follow the new table.
+    assert [j.id for j in await ledger.list(status="queued", limit=50)] == [j.id for j in listed]
+    assert (await ledger.get(jobs[0].id)).status == "running"
+    await ledger.submit("noop")
+    assert await ledger.count(tags=["t"]) == 20
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_jobs_rebuild_waits_for_readers_at_the_swap(ledger: JobLedger, db: str) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 5)
+    reader, watcher = await connect(db), await connect(db)
+    try:
+        await reader.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        tx = reader.transaction()
+        await tx.start()
+        # A reader inside a transaction: the rebuild builds its table meanwhile,
+        # then waits for this reader at the swap, and never disturbs what it reads.
+        assert await reader.fetchval("SELECT count(*) FROM jobledger.jobs") == 5
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rebuild_jobs, ledger.pool)
+            with anyio.fail_after(10):
+                while not await watcher.fetchval(  # noqa: ASYNC110 (polls the server)
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND mode = 'AccessExclusiveLock' AND relation = 'jobledger.jobs'::regclass"
+                ):
+                    await anyio.sleep(0.02)
+            assert await reader.fetchval("SELECT min(label) FROM jobledger.jobs") == "wrong"
+            await tx.commit()
+        assert await reader.fetchval("SELECT min(label) FROM jobledger.jobs") == "noop"
+    finally:
+        await reader.close()
+        await watcher.close()
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_jobs_rebuild_under_a_dependent_view_replaces_the_rows(
+    ledger: JobLedger, db: str
+) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 3)
+    conn = await connect(db)
+    try:
+        await conn.execute("CREATE VIEW public.job_labels AS SELECT id, label FROM jobledger.jobs")
+        await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        assert await rebuild_jobs(ledger.pool) == 3
+        assert await conn.fetch("SELECT DISTINCT label FROM public.job_labels") == [("noop",)]
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        await conn.execute("DROP VIEW public.job_labels")
+    finally:
+        await conn.close()
+    assert await verify_all(ledger.pool) == []
+
+
 async def test_a_log_from_another_cluster_is_refused(ledger: JobLedger, db: str) -> None:
     job = await ledger.submit("noop")
     change = ledger.make_change(await ledger.get(job.id), ev.Pinned(pinned=True))

@@ -36,10 +36,63 @@ WHERE name = $1;
 -- Hold writers of the jobs table (readers are not blocked) during its rebuild.
 LOCK TABLE jobledger.jobs IN EXCLUSIVE MODE;
 
--- name: jobs_delete_all
--- The first half of a jobs rebuild: the rebuilt rows are then copied in, and
--- readers see the old rows until the rebuild's transaction commits.
+-- name: jobs_rebuild_create
+-- A jobs rebuild folds the log into this bare copy of the table (its columns,
+-- defaults and checks, no indexes: rows load fastest into an unindexed table).
+CREATE TABLE jobledger.jobs_rebuild (LIKE jobledger.jobs INCLUDING ALL EXCLUDING INDEXES);
+
+-- name: jobs_rebuild_ddl
+-- What makes jobs_rebuild a copy of jobs after its rows are in: `build` gives
+-- it jobs's indexes and constraints under temporary names, its storage
+-- options, owner and grants; `rename` gives the indexes their names back once
+-- jobs_rebuild has become jobs. Index definitions come from the catalog, so
+-- whatever the migrations made is what the rebuilt table gets.
+SELECT CASE
+           WHEN c.oid IS NOT NULL THEN format(
+               'ALTER TABLE jobledger.jobs_rebuild ADD CONSTRAINT %I %s',
+               'jobs_rebuild_' || x.n, pg_get_constraintdef(c.oid))
+           ELSE regexp_replace(
+               pg_get_indexdef(x.indexrelid),
+               '^(CREATE (UNIQUE )?INDEX )\S+ ON jobledger\.jobs USING ',
+               '\1' || quote_ident('jobs_rebuild_' || x.n) || ' ON jobledger.jobs_rebuild USING ')
+       END AS build,
+       format('ALTER INDEX jobledger.%I RENAME TO %I', 'jobs_rebuild_' || x.n, i.relname) AS rename
+FROM (SELECT indexrelid, indrelid, row_number() OVER (ORDER BY indexrelid) AS n
+      FROM pg_index WHERE indrelid = 'jobledger.jobs'::regclass) AS x
+JOIN pg_class AS i ON i.oid = x.indexrelid
+LEFT JOIN pg_constraint AS c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+UNION ALL
+SELECT format('ALTER TABLE jobledger.jobs_rebuild SET (%s)', array_to_string(reloptions, ', ')), NULL
+FROM pg_class WHERE oid = 'jobledger.jobs'::regclass AND reloptions IS NOT NULL
+UNION ALL
+SELECT format('ALTER TABLE jobledger.jobs_rebuild OWNER TO %s', relowner::regrole), NULL
+FROM pg_class WHERE oid = 'jobledger.jobs'::regclass
+UNION ALL
+SELECT format('GRANT %s ON jobledger.jobs_rebuild TO %s%s', a.privilege_type,
+              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL
+FROM pg_class AS t, aclexplode(t.relacl) AS a
+WHERE t.oid = 'jobledger.jobs'::regclass;
+
+-- name: jobs_rebuild_analyze
+-- Statistics for the planner before the swap, so the first listings after it
+-- plan well (autovacuum would get there later).
+ANALYZE jobledger.jobs_rebuild;
+
+-- name: jobs_rebuild_swap
+-- The rebuilt table takes the place of jobs. Readers wait only for this swap
+-- (the brief ACCESS EXCLUSIVE lock); they read the old rows until it commits.
+LOCK TABLE jobledger.jobs IN ACCESS EXCLUSIVE MODE;
+DROP TABLE jobledger.jobs;
+ALTER TABLE jobledger.jobs_rebuild RENAME TO jobs;
+
+-- name: jobs_rebuild_copy_back
+-- When something else depends on jobs (a user's view, say) the table cannot be
+-- dropped: its rows are replaced instead, and readers see the old ones until
+-- the rebuild's transaction commits.
 DELETE FROM jobledger.jobs;
+INSERT INTO jobledger.jobs SELECT * FROM jobledger.jobs_rebuild;
+DROP TABLE jobledger.jobs_rebuild;
 
 -- name: event_count
 -- How many events the log holds.
