@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 import msgspec
 
-from bench.server import bench_database
+from bench.server import bench_database, quiet
 from engine import JobLedger
 from engine.postgres import init_connection
 
@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=500)
     a = p.parse_args()
+    quiet()
     results = anyio.run(measure, a.rounds, a.single, a.batches, a.batch_size)
     print(report(results, a.batch_size))
     print("medians of", a.rounds, "rounds, measured side by side")

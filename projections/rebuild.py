@@ -102,7 +102,8 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
     ``jobs`` (drop and rename) in the same transaction. Writers wait from the
     start; readers keep reading the old rows and wait only for the swap. If
     something depends on ``jobs`` (a view, say) so that it cannot be dropped,
-    its rows are replaced from ``jobs_rebuild`` instead. Python's cyclic
+    or the swap deadlocks with a transaction that read ``jobs`` and then
+    tried to write it, the rows are replaced from ``jobs_rebuild`` instead. Python's cyclic
     garbage collector is paused while the log is folded. Returns the events
     folded.
     """
@@ -183,5 +184,9 @@ async def _swap(conn: Any) -> None:
             for _, rename in ddl:
                 if rename is not None:
                     await conn.execute(rename)
-    except asyncpg.DependentObjectsStillExistError:
+    except (asyncpg.DependentObjectsStillExistError, asyncpg.DeadlockDetectedError):
+        # Something depends on jobs, or a transaction that read jobs now waits
+        # to write it (behind this rebuild's lock, while the swap waited for
+        # its read): replacing the rows in place needs neither the drop nor
+        # the exclusive lock, so the folded rows are kept either way.
         await conn.execute(Q.jobs_rebuild_copy_back)

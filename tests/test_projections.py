@@ -225,8 +225,10 @@ async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
         await conn.execute("GRANT SELECT ON jobledger.jobs TO PUBLIC")
         await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
         before = await _jobs_table(conn)
+        table = await _jobs_oid(conn)
         listed = await ledger.list(status="queued", limit=50)  # prepared before the swap
         assert await rebuild_jobs(ledger.pool) == 21
+        assert await _jobs_oid(conn) != table  # a new table took its place
         assert await _jobs_table(conn) == before
         assert before[1] == ["fillfactor=80"] and any("=r/" in a for a in before[2])
         assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
@@ -253,18 +255,67 @@ async def test_a_jobs_rebuild_waits_for_readers_at_the_swap(ledger: JobLedger, d
         assert await reader.fetchval("SELECT count(*) FROM jobledger.jobs") == 5
         async with anyio.create_task_group() as tg:
             tg.start_soon(rebuild_jobs, ledger.pool)
-            with anyio.fail_after(10):
-                while not await watcher.fetchval(  # noqa: ASYNC110 (polls the server)
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                    " AND mode = 'AccessExclusiveLock' AND relation = 'jobledger.jobs'::regclass"
-                ):
-                    await anyio.sleep(0.02)
+            await _waiting(watcher, "AccessExclusiveLock", "jobledger.jobs")
             assert await reader.fetchval("SELECT min(label) FROM jobledger.jobs") == "wrong"
             await tx.commit()
         assert await reader.fetchval("SELECT min(label) FROM jobledger.jobs") == "noop"
     finally:
         await reader.close()
         await watcher.close()
+    assert await verify_all(ledger.pool) == []
+
+
+async def _waiting(watcher, mode: str, table: str) -> None:
+    """Until some session waits for ``mode`` on ``table``."""
+    with anyio.fail_after(10):
+        while not await watcher.fetchval(  # noqa: ASYNC110 (polls the server)
+            "SELECT count(*) FROM pg_locks WHERE NOT granted"
+            " AND mode = $1 AND relation = $2::regclass",
+            mode,
+            table,
+        ):
+            await anyio.sleep(0.02)
+
+
+async def _jobs_oid(conn) -> int:
+    return await conn.fetchval("SELECT 'jobledger.jobs'::regclass::oid")
+
+
+async def test_a_jobs_rebuild_deadlocked_at_the_swap_replaces_the_rows(
+    ledger: JobLedger, db: str
+) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 4)
+    reader, watcher, blocker = await connect(db), await connect(db), await connect(db)
+    try:
+        await reader.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        table = await _jobs_oid(watcher)
+        tx = reader.transaction()
+        await tx.start()
+        assert await reader.fetchval("SELECT count(*) FROM jobledger.jobs") == 4
+        # Hold the rebuild after it has taken jobs (it then reads the log),
+        # long enough for the reader to queue a write behind its lock.
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("LOCK TABLE jobledger.events IN ACCESS EXCLUSIVE MODE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rebuild_jobs, ledger.pool)
+            await _waiting(watcher, "AccessShareLock", "jobledger.events")
+
+            async def write() -> None:
+                await reader.execute("UPDATE jobledger.jobs SET pinned = pinned WHERE false")
+                await tx.commit()
+
+            tg.start_soon(write)
+            await _waiting(watcher, "RowExclusiveLock", "jobledger.jobs")
+            # The swap now waits for the reader's read while the reader waits
+            # for the rebuild: PostgreSQL fails the swap, the rows are replaced.
+            await hold.rollback()
+        assert await reader.fetchval("SELECT min(label) FROM jobledger.jobs") == "noop"
+        assert await watcher.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        assert await _jobs_oid(watcher) == table  # replaced in place, not swapped
+    finally:
+        for conn in (reader, watcher, blocker):
+            await conn.close()
     assert await verify_all(ledger.pool) == []
 
 
@@ -276,7 +327,9 @@ async def test_a_jobs_rebuild_under_a_dependent_view_replaces_the_rows(
     try:
         await conn.execute("CREATE VIEW public.job_labels AS SELECT id, label FROM jobledger.jobs")
         await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
+        table = await _jobs_oid(conn)
         assert await rebuild_jobs(ledger.pool) == 3
+        assert await _jobs_oid(conn) == table  # replaced in place, not swapped
         assert await conn.fetch("SELECT DISTINCT label FROM public.job_labels") == [("noop",)]
         assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
         await conn.execute("DROP VIEW public.job_labels")

@@ -87,9 +87,9 @@ DROP TABLE jobledger.jobs;
 ALTER TABLE jobledger.jobs_rebuild RENAME TO jobs;
 
 -- name: jobs_rebuild_copy_back
--- When something else depends on jobs (a user's view, say) the table cannot be
--- dropped: its rows are replaced instead, and readers see the old ones until
--- the rebuild's transaction commits.
+-- When the swap cannot be made (a user's view depends on jobs, or the swap
+-- deadlocked with a reader turned writer) the rows are replaced instead, and
+-- readers see the old ones until the rebuild's transaction commits.
 DELETE FROM jobledger.jobs;
 INSERT INTO jobledger.jobs SELECT * FROM jobledger.jobs_rebuild;
 DROP TABLE jobledger.jobs_rebuild;
