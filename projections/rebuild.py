@@ -103,12 +103,13 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
     start; readers keep reading the old rows and wait only for the swap. If
     something depends on ``jobs`` (a view, say) so that it cannot be dropped,
     or the swap deadlocks with a transaction that read ``jobs`` and then
-    tried to write it, the rows are replaced from ``jobs_rebuild`` instead. Python's cyclic
-    garbage collector is paused while the log is folded. Returns the events
-    folded.
+    tried to write it, the rows are replaced from ``jobs_rebuild`` instead.
+    Python's cyclic garbage collector is paused while the log is folded.
+    Returns the events folded.
     """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(Q.lock_jobs_for_rebuild)
+        ddl = await _copy_ddl(conn)  # before the fold: an index it cannot copy fails fast
         total = await _event_count(conn)
         await conn.execute(Q.jobs_rebuild_create)
         done = 0
@@ -133,14 +134,15 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
         # buffered a batch at a time between them.
         batch: list[tuple[Any, ...]] = []
         with _collector_paused():
-            async for row in folded():
-                batch.append(row)
-                if len(batch) >= 20_000:
-                    await _copy(conn, batch)
+            async with contextlib.aclosing(folded()) as rows:
+                async for row in rows:
+                    batch.append(row)
+                    if len(batch) >= 20_000:
+                        await _copy(conn, batch)
             await _copy(conn, batch)
         if progress:
             progress(done, total)
-        await _swap(conn)
+        await _swap(conn, ddl)
     return done
 
 
@@ -168,14 +170,20 @@ async def _copy(conn: Any, rows: list[tuple[Any, ...]]) -> None:
         rows.clear()
 
 
-async def _swap(conn: Any) -> None:
-    """Index ``jobs_rebuild`` like ``jobs`` and put it in its place."""
-    import asyncpg
-
-    ddl = await conn.fetch(Q.jobs_rebuild_ddl)
+async def _copy_ddl(conn: Any) -> list[tuple[str, str | None]]:
+    """The statements that make ``jobs_rebuild`` a copy of ``jobs`` (see the query)."""
+    ddl = [(r["build"], r["rename"]) for r in await conn.fetch(Q.jobs_rebuild_ddl)]
     for build, _ in ddl:
         if " ON jobledger.jobs USING " in build:  # a definition the rewrite did not match
             raise RuntimeError(f"cannot copy this index of jobledger.jobs: {build}")
+    return ddl
+
+
+async def _swap(conn: Any, ddl: list[tuple[str, str | None]]) -> None:
+    """Index ``jobs_rebuild`` like ``jobs`` and put it in its place."""
+    import asyncpg
+
+    for build, _ in ddl:
         await conn.execute(build)
     await conn.execute(Q.jobs_rebuild_analyze)
     try:

@@ -223,6 +223,7 @@ async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
     try:
         await conn.execute("ALTER TABLE jobledger.jobs SET (fillfactor = 80)")
         await conn.execute("GRANT SELECT ON jobledger.jobs TO PUBLIC")
+        await conn.execute('CREATE INDEX "an index, of mine" ON jobledger.jobs (label)')
         await conn.execute("UPDATE jobledger.jobs SET label = 'wrong'")
         before = await _jobs_table(conn)
         table = await _jobs_oid(conn)
@@ -231,6 +232,10 @@ async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
         assert await _jobs_oid(conn) != table  # a new table took its place
         assert await _jobs_table(conn) == before
         assert before[1] == ["fillfactor=80"] and any("=r/" in a for a in before[2])
+        assert (
+            "an index, of mine",
+            'CREATE INDEX "an index, of mine" ON jobledger.jobs USING btree (label)',
+        ) in before[0]
         assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
         assert {j.label for j in await ledger.list(limit=50)} == {"noop"}
     finally:

@@ -53,7 +53,7 @@ SELECT CASE
                'jobs_rebuild_' || x.n, pg_get_constraintdef(c.oid))
            ELSE regexp_replace(
                pg_get_indexdef(x.indexrelid),
-               '^(CREATE (UNIQUE )?INDEX )\S+ ON jobledger\.jobs USING ',
+               '^(CREATE (UNIQUE )?INDEX )("(?:[^"]|"")+"|\S+) ON jobledger\.jobs USING ',
                '\1' || quote_ident('jobs_rebuild_' || x.n) || ' ON jobledger.jobs_rebuild USING ')
        END AS build,
        format('ALTER INDEX jobledger.%I RENAME TO %I', 'jobs_rebuild_' || x.n, i.relname) AS rename
