@@ -18,7 +18,11 @@ from engine import (
     PayloadTooLarge,
     UnknownOperator,
     WaitTimeout,
+    store,
 )
+from engine import events as ev
+from engine.postgres import connect
+from engine.sqlfiles import Q
 from engine.store import LIMITS
 from tests.operators import ImportInputs, register_basic
 
@@ -346,3 +350,27 @@ async def test_error_info_from_mapping(ledger: JobLedger) -> None:
     job = await ledger.mark_failed(job.id, {"type": "OOM", "message": "killed"})
     assert job.error == ErrorInfo(type="OOM", message="killed")
     assert msgspec.json.encode(job)  # a Job always encodes
+
+
+async def test_progress_updates_are_mostly_heap_only(ledger: JobLedger, db: str) -> None:
+    """Pages of jobs keep room (migration 009) so that updates which change no
+    indexed column write no index entries: most progress reports are HOT."""
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 300)
+    ids = [j.id for j in jobs]
+    await ledger.transition_many(ids, lambda _: ev.Started(worker="w"))
+    conn = await connect(db)
+    try:
+        for step in range(5):
+            states = [store.decode_job(r[0]) for r in await conn.fetch(Q.load_jobs, ids)]
+            changes = [ledger.make_change(s, ev.Progressed(fraction=step / 5)) for s in states]
+            assert len(await store.append(conn, changes)) == 300
+        # This connection's counts reach the shared statistics at its next
+        # transaction's end; nothing else made a HOT update of jobs here.
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        hot = await conn.fetchval(
+            "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'jobledger.jobs'::regclass"
+        )
+    finally:
+        await conn.close()
+    assert hot >= 0.5 * 5 * 300
