@@ -20,3 +20,11 @@ async def stamp(ctx: JobContext) -> float:
     """Print and return the wall-clock time the handler started (pickup latency)."""
     print_stamp()
     return time.time()
+
+
+def ledger_at(dsn: str, **options: object) -> JobLedger:
+    """A client ledger on ``dsn`` that knows this app's operators (not yet opened)."""
+    client = JobLedger(dsn, **options)  # type: ignore[arg-type]
+    for op in ledger.registry.values():
+        client.register(op)
+    return client

@@ -18,17 +18,14 @@ import time
 
 import anyio
 
-from bench.app import ledger as app
+from bench.app import ledger_at
 from bench.server import bench_database, quiet
-from engine import JobLedger
 from engine import events as ev
 
 
 async def run(jobs: int, fillfactor: int | None) -> dict[str, float]:
     async with bench_database("hot") as dsn:
-        ledger = JobLedger(dsn, max_connections=2)
-        for op in app.registry.values():
-            ledger.register(op)
+        ledger = ledger_at(dsn, max_connections=2)
         async with ledger:
             if fillfactor is not None:
                 await ledger.pool.execute(

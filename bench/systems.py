@@ -110,13 +110,10 @@ class Jobledger(System):
     migrated = True
 
     async def __aenter__(self) -> Jobledger:
-        from bench.app import ledger as app
-        from engine import JobLedger
+        from bench.app import ledger_at
 
         await super().__aenter__()
-        self.ledger = JobLedger(self.dsn, max_connections=2, actor="bench")
-        for op in app.registry.values():
-            self.ledger.register(op)
+        self.ledger = ledger_at(self.dsn, max_connections=2, actor="bench")
         await self.ledger.__aenter__()
         return self
 
