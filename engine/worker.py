@@ -141,7 +141,8 @@ class Worker:
         if not self._stopping.is_set():
             self.log.info("worker_stopping", running=len(self.holds))
         self._stopping.set()
-        self._wake.set()
+        self._wake.set()  # an idle claim loop
+        self._slot_freed.set()  # a claim loop waiting for a slot (the worker is full)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -252,6 +252,20 @@ async def test_shutdown_interrupts_and_requeues_after_grace(ledger: JobLedger) -
     assert rows[0]["stopped_at"] is not None
 
 
+async def test_a_full_worker_stops_within_its_grace(ledger: JobLedger) -> None:
+    """stop() on a worker whose slots are all taken starts the grace period at
+    once; it does not wait for a slot to free."""
+    job = await ledger.submit("sleepy", {"seconds": 30}, timeout=60)
+    worker = Worker(ledger, concurrency=1, shutdown_grace=0.2, **FAST)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await ledger.wait(job.id, until="running", timeout=5)
+            worker.stop()
+    after = await ledger.get(job.id)
+    assert after.status == "queued" and after.error.type == "interrupted"
+
+
 async def test_workers_publish_operators(ledger: JobLedger, db: str) -> None:
     async with JobLedger(db) as other:
         names = {o.name for o in await other.operators()}
