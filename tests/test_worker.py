@@ -209,6 +209,9 @@ async def test_a_rescued_job_cannot_be_completed_by_its_old_worker(
                 a.id,
             )
             a.heartbeat_interval = 3600  # keep it silent
+            # Nor does it take new work: once its refused write frees its slot
+            # it would race B for the requeued attempt (and sometimes win).
+            a.concurrency = 0
         assert await rescue(ledger, rescue_after=60) == 1
         rescued = await ledger.get(job.id)
         assert rescued.status in ("queued", "scheduled") and rescued.error.type == "abandoned"
