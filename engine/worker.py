@@ -11,7 +11,8 @@ A :class:`Worker` is a service with one anyio task group holding:
   ``poll_interval`` passes (``listen=False`` on the ledger turns NOTIFY off,
   e.g. behind PgBouncer in transaction mode);
 * one **task per running job**, bounded by ``concurrency``, each inside its own
-  cancel scope (whose deadline is the job's timeout);
+  cancel scope (whose deadline is the job's timeout). A claimed batch is one
+  task of the group; its jobs are plain asyncio tasks (see :meth:`Worker._run_batch`);
 * the **heartbeat**: updates the worker's row, learns which of its jobs were
   asked to cancel (the path that works without NOTIFY), and flushes coalesced
   progress;
@@ -33,11 +34,17 @@ and notifies; the worker cancels that handler's scope and records
 Shutdown is two-phase: :meth:`Worker.stop` stops claiming and lets running
 handlers finish for ``shutdown_grace`` seconds; then they are cancelled and
 recorded as interrupted (``job.failed``, error type ``interrupted``, requeued
-at once). Final writes run shielded, with their own timeout.
+at once). Nothing cancels a job's final writes; they have their own timeout
+(``final_write_timeout``), after which the slot is freed and the overrun
+logged (``job_outcome_write_timed_out``) while the completer keeps the write.
+Cancelling the task that runs the worker (rather than :meth:`Worker.stop`)
+cancels running handlers at once and records nothing for them: the rescuer
+requeues them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -223,7 +230,8 @@ class Worker:
                 continue
             for hold in holds:
                 self.holds[hold.state.id] = hold
-                jobs.start_soon(self._run_job, hold)
+            if holds:
+                jobs.start_soon(self._run_batch, holds)
             if len(holds) == free:
                 continue  # there may be more ready right now
             if self.burst and not holds:
@@ -266,6 +274,42 @@ class Worker:
 
     # -- running -------------------------------------------------------------
 
+    async def _run_batch(self, holds: list[Hold]) -> None:
+        """Run the jobs of one claimed batch, each in a plain asyncio task.
+
+        An anyio ``start_soon`` costs about four times asyncio's ``create_task``
+        (its task handle and cancel scope), once per job; the batch pays it once.
+        The jobs' handlers still run in their own anyio cancel scopes, cancelled
+        through :meth:`Hold.cancel`. If this task is cancelled (the worker is
+        torn down), it does what the task group did for tasks of its own: jobs
+        not yet writing their outcome are cancelled (nothing is recorded; the
+        rescuer requeues them), outcome writes already under way finish
+        shielded, and only then does the cancellation go on.
+        """
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._run_job(hold)) for hold in holds]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for hold, task in zip(holds, tasks, strict=True):
+                if not hold.finishing:
+                    task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+            for hold in holds:  # a task cancelled before it started never ran its finally
+                self._release(hold)
+            raise
+        for task in tasks:  # _run_job records every failure; anything else is a bug
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def _release(self, hold: Hold) -> None:
+        """Forget a finished job and free its slot."""
+        if self.holds.get(hold.state.id) is hold:
+            del self.holds[hold.state.id]
+            self.contexts.pop(hold.state.id, None)
+        self._slot_freed.set()
+
     async def _run_job(self, hold: Hold) -> None:
         job = hold.state
         ctx = JobContext(hold, self.completer, progress_interval=self.progress_interval)
@@ -279,30 +323,39 @@ class Worker:
             outcome, reason = await self._call_handler(hold, ctx)
             if outcome is None:
                 return
-            deadline = anyio.current_time() + self.final_write_timeout
-            with anyio.CancelScope(shield=True, deadline=deadline):
+            hold.finishing = True
+            # No cancel scope reaches here: the job's task is a root task that
+            # nothing cancels once it is finishing (see _run_batch), so the
+            # write needs no shield, only its own deadline.
+            async with asyncio.timeout(self.final_write_timeout):
                 if ctx.has_pending and hold.cancel_reason != "lost":
                     await ctx.flush()
                 if hold.cancel_reason == "lost":
                     return
                 async with hold.lock:
                     new = await self.completer.write(hold, outcome, reason=reason)
-                if new is not None and verbose:
-                    final = new.status in lifecycle.TERMINAL
-                    ctx.logger.info(
-                        f"job_{new.status}" if final else "job_retry_scheduled",
-                        worker=self.id,
-                        duration_ms=round((time.monotonic() - hold.started) * 1000),
-                        error=new.error.type if new.error and new.status != "completed" else None,
-                        retry_at=None if final else new.run_at.isoformat(),
-                    )
+            if new is not None and verbose:
+                final = new.status in lifecycle.TERMINAL
+                ctx.logger.info(
+                    f"job_{new.status}" if final else "job_retry_scheduled",
+                    worker=self.id,
+                    duration_ms=round((time.monotonic() - hold.started) * 1000),
+                    error=new.error.type if new.error and new.status != "completed" else None,
+                    retry_at=None if final else new.run_at.isoformat(),
+                )
+        except TimeoutError:
+            self.failed_writes += 1
+            ctx.logger.error(
+                "job_outcome_write_timed_out",
+                worker=self.id,
+                timeout=self.final_write_timeout,
+                note="the completer keeps trying; if it never lands, the rescuer requeues the job",
+            )
         except Exception as exc:  # a failed outcome write must not take the worker down
             self.failed_writes += 1
             ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
         finally:
-            self.holds.pop(job.id, None)
-            self.contexts.pop(job.id, None)
-            self._slot_freed.set()
+            self._release(hold)
 
     async def _call_handler(
         self, hold: Hold, ctx: JobContext
@@ -313,7 +366,7 @@ class Worker:
         op = self.ledger.registry[job.operator]
         # One scope: the job's timeout is its deadline, and cancel requests,
         # shutdown and lost holds cancel it (hold.cancel names which).
-        deadline = anyio.current_time() + job.timeout if job.timeout else math.inf
+        deadline = asyncio.get_running_loop().time() + job.timeout if job.timeout else math.inf
         with anyio.CancelScope(deadline=deadline) as scope:
             hold.scope = scope
             if hold.cancel_reason is not None:
@@ -401,7 +454,7 @@ class Worker:
         self.holds[job_id] = hold
         if state.status == "cancelling":
             hold.cancel_reason = "requested"
-        self._jobs.start_soon(self._run_job, hold)
+        self._jobs.start_soon(self._run_batch, [hold])
 
     async def _rescue_loop(self) -> None:
         while True:
@@ -434,6 +487,6 @@ class Worker:
         self.holds[jid] = hold
         async with anyio.create_task_group() as tg:
             await tg.start(self.completer.run)
-            await self._run_job(hold)
+            await self._run_batch([hold])
             tg.cancel_scope.cancel()
         return await self.ledger.get(jid, include_deleted=True)

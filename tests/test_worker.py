@@ -284,3 +284,39 @@ async def test_a_claim_whose_reply_was_lost_is_adopted(ledger: JobLedger) -> Non
         done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
     assert done.attempt == 1 and done.worker == worker.id
     assert [r.type for r in await ledger.history(job.id)][-2:] == ["job.started", "job.completed"]
+
+
+async def test_a_cancelled_worker_abandons_its_jobs_promptly(ledger: JobLedger) -> None:
+    """Cancelling the task that runs a worker (not stop()) cancels running
+    handlers at once, records nothing for them, and leaves them to the rescuer."""
+    jobs = [await ledger.submit("sleepy", {"seconds": 30}, timeout=60) for _ in range(3)]
+    worker = Worker(ledger, shutdown_grace=30, **FAST)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            for job in jobs:
+                await ledger.wait(job.id, until="running", timeout=5)
+            tg.cancel_scope.cancel()
+    assert worker.holds == {} and worker.contexts == {}
+    assert {(await ledger.get(j.id)).status for j in jobs} == {"running"}
+    assert await rescue(ledger, rescue_after=0) == 3  # the worker row says it stopped
+    assert {(await ledger.get(j.id)).status for j in jobs} == {"failed"}  # one attempt each
+
+
+async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedger) -> None:
+    """A final write that cannot land within final_write_timeout is reported and
+    its slot freed; the completer keeps the write and lands it later."""
+    gate["slow write"] = anyio.Event()
+    job = await ledger.submit("gated", label="slow write")
+    async with running(ledger, final_write_timeout=0.3) as worker:
+        await ledger.wait(job.id, until="running", timeout=5)
+        async with ledger.pool.acquire() as blocker, blocker.transaction():
+            await blocker.execute("SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id)
+            gate["slow write"].set()  # the handler returns; its write waits on our row lock
+            with anyio.fail_after(5):
+                while worker.failed_writes == 0:  # noqa: ASYNC110 - a counter, no event to wait on
+                    await anyio.sleep(0.05)
+            assert worker.holds == {}
+            assert (await ledger.get(job.id)).status == "running"
+        done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+    assert done.result == worker.id
