@@ -319,6 +319,7 @@ class Worker:
         verbose = enabled is None or enabled(logging.INFO)
         if verbose:
             ctx.logger.info("job_started", worker=self.id)
+        write_deadline: asyncio.Timeout | None = None
         try:
             outcome, reason = await self._call_handler(hold, ctx)
             if outcome is None:
@@ -327,7 +328,8 @@ class Worker:
             # No cancel scope reaches here: the job's task is a root task that
             # nothing cancels once it is finishing (see _run_batch), so the
             # write needs no shield, only its own deadline.
-            async with asyncio.timeout(self.final_write_timeout):
+            write_deadline = asyncio.timeout(self.final_write_timeout)
+            async with write_deadline:
                 if ctx.has_pending and hold.cancel_reason != "lost":
                     await ctx.flush()
                 if hold.cancel_reason == "lost":
@@ -343,17 +345,18 @@ class Worker:
                     error=new.error.type if new.error and new.status != "completed" else None,
                     retry_at=None if final else new.run_at.isoformat(),
                 )
-        except TimeoutError:
-            self.failed_writes += 1
-            ctx.logger.error(
-                "job_outcome_write_timed_out",
-                worker=self.id,
-                timeout=self.final_write_timeout,
-                note="the completer keeps trying; if it never lands, the rescuer requeues the job",
-            )
         except Exception as exc:  # a failed outcome write must not take the worker down
             self.failed_writes += 1
-            ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
+            if write_deadline is not None and write_deadline.expired():
+                ctx.logger.error(
+                    "job_outcome_write_timed_out",
+                    worker=self.id,
+                    timeout=self.final_write_timeout,
+                    note="the completer keeps the write; if it never lands, the rescuer "
+                    "requeues the job",
+                )
+            else:
+                ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
         finally:
             self._release(hold)
 

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 import anyio
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from engine import Cancel, JobContext, JobLedger, RetryAfter, Worker
 from engine.rescuer import rescue
@@ -308,15 +309,21 @@ async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedg
     its slot freed; the completer keeps the write and lands it later."""
     gate["slow write"] = anyio.Event()
     job = await ledger.submit("gated", label="slow write")
-    async with running(ledger, final_write_timeout=0.3) as worker:
-        await ledger.wait(job.id, until="running", timeout=5)
-        async with ledger.pool.acquire() as blocker, blocker.transaction():
-            await blocker.execute("SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id)
-            gate["slow write"].set()  # the handler returns; its write waits on our row lock
-            with anyio.fail_after(5):
-                while worker.failed_writes == 0:  # noqa: ASYNC110 - a counter, no event to wait on
-                    await anyio.sleep(0.05)
-            assert worker.holds == {}
-            assert (await ledger.get(job.id)).status == "running"
-        done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+    with capture_logs() as logs:
+        async with running(ledger, final_write_timeout=0.3) as worker:
+            await ledger.wait(job.id, until="running", timeout=5)
+            async with ledger.pool.acquire() as blocker, blocker.transaction():
+                await blocker.execute(
+                    "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
+                )
+                gate["slow write"].set()  # the handler returns; its write waits on our lock
+                with anyio.fail_after(5):
+                    while worker.failed_writes == 0:  # noqa: ASYNC110 - a counter, no event
+                        await anyio.sleep(0.05)
+                assert worker.holds == {}
+                assert (await ledger.get(job.id)).status == "running"
+            # the lock is gone: the completer lands the write it kept
+            done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
     assert done.result == worker.id
+    timed_out = [e["job_id"] for e in logs if e["event"] == "job_outcome_write_timed_out"]
+    assert timed_out == [str(job.id)]
