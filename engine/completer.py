@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncpg
 import msgspec
 import structlog
 
 from engine import events as ev
 from engine import lifecycle, store
+from engine.postgres import DB_ERRORS
 from engine.sqlfiles import Q
 from engine.store import Change
 from projections.job_state import Job
@@ -46,19 +46,6 @@ if TYPE_CHECKING:
     from engine.ledger import JobLedger
 
 log = structlog.get_logger("jobledger.worker")
-
-DB_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # Raised by asyncpg on a connection killed in the middle of an operation
-    # ("cannot switch to state N; another operation is in progress").
-    asyncpg.exceptions.InternalClientError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    TimeoutError,
-)
-"""Errors that mean "the database connection failed", not "the write was refused"."""
 
 
 @dataclass(eq=False)

@@ -64,7 +64,7 @@ from engine.operators import (
     operator_from_handler,
     to_json_value,
 )
-from engine.postgres import create_pool, migrate, resolve_dsn
+from engine.postgres import create_pool, migrate, resolve_dsn, retry_dropped
 from engine.retry import retry_at
 from engine.sqlfiles import Q
 from engine.store import Change
@@ -246,9 +246,8 @@ class JobLedger:
             )
             stack.push_async_callback(self._close_pool)
             if self._migrate:
-                async with self._pool.acquire() as conn:
-                    await migrate(conn)
-            await self._publish_operators()
+                await retry_dropped(self._migrate_now, what="migrate")
+            await retry_dropped(self._publish_operators, what="publish_operators")
             stack.push_async_callback(self._stop_listener)
         except BaseException:
             await stack.aclose()
@@ -360,6 +359,10 @@ class JobLedger:
     def registry(self) -> Mapping[str, Operator]:
         """The operators registered in this process."""
         return self._registry
+
+    async def _migrate_now(self) -> None:
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
 
     async def _publish_operators(self) -> None:
         if not self._registry:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import asyncpg
 import msgspec
 import structlog
@@ -43,6 +45,39 @@ log = structlog.get_logger("jobledger.postgres")
 MIGRATION_LOCK = 0x6A6F626C  # "jobl": advisory lock key held while migrating
 DEFAULT_HOME = ".jobledger"
 EMBEDDED_DATABASE = "jobledger"
+
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # Raised by asyncpg on a connection killed in the middle of an operation
+    # ("cannot switch to state N; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    TimeoutError,
+)
+"""Errors that mean "the database connection failed", not "the write was refused"."""
+
+T = TypeVar("T")
+
+
+async def retry_dropped(op: Callable[[], Awaitable[T]], *, what: str, within: float = 30.0) -> T:
+    """Run ``op`` (idempotent: safe to run again after a reply was lost), retrying
+    with backoff while the connection fails (:data:`DB_ERRORS`), for up to
+    ``within`` seconds; then the last error is raised."""
+    deadline = time.monotonic() + within
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except DB_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("db_retry", what=what, error=str(exc) or type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode

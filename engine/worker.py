@@ -61,10 +61,11 @@ import structlog
 
 from engine import events as ev
 from engine import lifecycle, store
-from engine.completer import DB_ERRORS, Completer, Hold
+from engine.completer import Completer, Hold
 from engine.context import JobContext
 from engine.errors import Cancel, InvalidInputs, JobNotFound, RetryAfter
 from engine.notifications import Notice
+from engine.postgres import DB_ERRORS, retry_dropped
 from engine.rescuer import rescue
 from engine.retry import retry_at
 from engine.sqlfiles import Q
@@ -156,14 +157,17 @@ class Worker:
     ) -> None:
         """Run until :meth:`stop` (or, in burst mode, until no claimable job is left)."""
         if self.register:
-            await self.ledger.pool.execute(
-                Q.register_worker,
-                self.id,
-                socket.gethostname(),
-                os.getpid(),
-                self.queues,
-                self.operators,
-                self.concurrency,
+            await retry_dropped(
+                lambda: self.ledger.pool.execute(
+                    Q.register_worker,
+                    self.id,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.queues,
+                    self.operators,
+                    self.concurrency,
+                ),
+                what="register_worker",
             )
         listener = await self.ledger.listener()
         self.log.info(

@@ -122,7 +122,7 @@ class ProjectionRunner:
                 task_status.started()
 
     async def _run_one(self, projection: Projection) -> None:
-        from engine.completer import DB_ERRORS
+        from engine.postgres import DB_ERRORS
 
         log.info("projection_started", projection=projection.name)
         delay = 0.1

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import anyio
 import pytest
 
-from engine import DatabaseUnavailable, JobLedger
-from engine.postgres import describe_dsn
+from engine import DatabaseUnavailable, JobLedger, Worker
+from engine.postgres import describe_dsn, retry_dropped
 
 
 def _free_port() -> int:
@@ -31,3 +32,53 @@ def test_describe_dsn_never_shows_the_password() -> None:
     assert remote == "db.internal:6543 (database app)"
     local = describe_dsn("postgresql://postgres:@/jobledger?host=/tmp/x")
     assert local == "/tmp/x (database jobledger)"
+
+
+async def test_startup_statements_survive_a_dropped_connection(db: str) -> None:
+    """A connection killed under the first statements of a ledger and a worker
+    (migrate, publish operators, register) is retried, not fatal."""
+    async with JobLedger(db) as admin:
+        kills = 0
+
+        async def kill_the_others() -> None:
+            nonlocal kills
+            for _ in range(200):
+                kills += await admin.pool.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = 'victim'"
+                )
+                await anyio.sleep(0.005)
+
+        other = JobLedger(db, application_name="victim")
+
+        @other.operator("noop")
+        async def noop(ctx: object) -> None:
+            return None
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_the_others)
+            async with other:
+                await Worker(other, burst=True).run()
+            tg.cancel_scope.cancel()
+        assert kills > 0
+        assert [o.name for o in await admin.operators()] == ["noop"]
+        assert len(await admin.pool.fetch("SELECT 1 FROM jobledger.workers")) == 1
+
+
+async def test_retry_dropped_gives_up_after_its_window() -> None:
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionResetError("dropped")
+        return "ok"
+
+    assert await retry_dropped(flaky, what="test") == "ok" and calls == 3
+
+    async def down() -> None:
+        raise ConnectionRefusedError("down")
+
+    with pytest.raises(ConnectionRefusedError):
+        await retry_dropped(down, what="test", within=0.3)

@@ -24,9 +24,11 @@ WHERE status IN ('queued', 'scheduled') AND deleted_at IS NULL
   AND queue = ANY($1::text[]) AND operator = ANY($2::text[]);
 
 -- name: register_worker
--- A worker starts: one row, heartbeating from now.
+-- A worker starts: one row, heartbeating from now. Run again after a lost
+-- reply, it finds its row and does nothing.
 INSERT INTO jobledger.workers (id, host, pid, queues, operators, concurrency)
-VALUES ($1, $2, $3, $4, $5, $6);
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO NOTHING;
 
 -- name: heartbeat
 -- The worker is alive and runs $2 jobs. Returns every job the log says this
