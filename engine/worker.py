@@ -11,8 +11,9 @@ A :class:`Worker` is a service with one anyio task group holding:
   ``poll_interval`` passes (``listen=False`` on the ledger turns NOTIFY off,
   e.g. behind PgBouncer in transaction mode);
 * one **task per running job**, bounded by ``concurrency``, each inside its own
-  cancel scope (whose deadline is the job's timeout). A claimed batch is one
-  task of the group; its jobs are plain asyncio tasks (see :meth:`Worker._run_batch`);
+  cancel scope (whose deadline is the job's timeout). Job tasks are plain
+  asyncio tasks, kept by one supervisor task of the group (see
+  :meth:`Worker._supervise`);
 * the **heartbeat**: updates the worker's row, learns which of its jobs were
   asked to cancel (the path that works without NOTIFY), and flushes coalesced
   progress;
@@ -137,6 +138,9 @@ class Worker:
         self.claimed = 0
         self.failed_writes = 0
         self._jobs: anyio.abc.TaskGroup | None = None
+        self._tasks: dict[asyncio.Task[None], Hold] = {}
+        self._crash: BaseException | None = None
+        self._crashed = anyio.Event()
         self._stopping = anyio.Event()
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -187,8 +191,11 @@ class Worker:
                     task_status.started()
                     async with anyio.create_task_group() as jobs:
                         self._jobs = jobs
-                        await self._claim_loop(jobs)
-                        await self._drain(jobs)
+                        jobs.start_soon(self._supervise)
+                        await self._claim_loop()
+                        await self._drain()
+                        await self._wait_jobs()
+                        jobs.cancel_scope.cancel()  # the supervisor has nothing left to keep
                     self._jobs = None
                 services.cancel_scope.cancel()
         finally:
@@ -198,7 +205,7 @@ class Worker:
                         await self.ledger.pool.execute(Q.worker_stopped, self.id)
             self.log.info("worker_stopped", claimed=self.claimed, refused=self.completer.refused)
 
-    async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
+    async def _drain(self) -> None:
         """Phase two of shutdown: wait out the grace period, then cancel what still runs."""
         with anyio.move_on_after(self.shutdown_grace if self._stopping.is_set() else math.inf):
             while self.holds:
@@ -209,7 +216,7 @@ class Worker:
 
     # -- claiming ------------------------------------------------------------
 
-    async def _claim_loop(self, jobs: anyio.abc.TaskGroup) -> None:
+    async def _claim_loop(self) -> None:
         delay = 0.1
         while not self._stopping.is_set():
             # At most half the slots per claim, so that one batch's handlers
@@ -232,10 +239,7 @@ class Worker:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for hold in holds:
-                self.holds[hold.state.id] = hold
-            if holds:
-                jobs.start_soon(self._run_batch, holds)
+            self._start(holds)
             if len(holds) == free:
                 continue  # there may be more ready right now
             if self.burst and not holds:
@@ -278,34 +282,52 @@ class Worker:
 
     # -- running -------------------------------------------------------------
 
-    async def _run_batch(self, holds: list[Hold]) -> None:
-        """Run the jobs of one claimed batch, each in a plain asyncio task.
+    def _start(self, holds: Iterable[Hold]) -> None:
+        """Run each held job in a plain asyncio task, starting now.
 
         An anyio ``start_soon`` costs about four times asyncio's ``create_task``
-        (its task handle and cancel scope), once per job; the batch pays it once.
-        The jobs' handlers still run in their own anyio cancel scopes, cancelled
-        through :meth:`Hold.cancel`. If this task is cancelled (the worker is
-        torn down), it does what the task group did for tasks of its own: jobs
-        not yet writing their outcome are cancelled (nothing is recorded; the
-        rescuer requeues them), outcome writes already under way finish
-        shielded, and only then does the cancellation go on.
+        (its task handle and cancel scope). The handlers still run in their own
+        anyio cancel scopes, cancelled through :meth:`Hold.cancel`; the tasks
+        are kept by :meth:`_supervise`.
         """
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._run_job(hold)) for hold in holds]
+        for hold in holds:
+            self.holds[hold.state.id] = hold
+            task = loop.create_task(self._run_job(hold))
+            self._tasks[task] = hold
+            task.add_done_callback(self._job_task_done)
+
+    def _job_task_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before it started never ran _run_job's finally.
+        self._release(self._tasks.pop(task))
+        if not task.cancelled() and task.exception() is not None and self._crash is None:
+            self._crash = task.exception()  # _run_job records every failure: a bug
+            self._crashed.set()
+
+    async def _supervise(self) -> None:
+        """Keep the job tasks for the jobs task group, as if they were its own.
+
+        If the group is cancelled (the worker is torn down, not stopped), jobs
+        not yet writing their outcome are cancelled (nothing is recorded; the
+        rescuer requeues them), outcome writes already under way finish
+        shielded, and only then does the cancellation go on. A job task that
+        raises (a bug: _run_job records every failure) fails the group.
+        """
         try:
-            await asyncio.wait(tasks)
-        except BaseException:
-            for hold, task in zip(holds, tasks, strict=True):
-                if not hold.finishing:
-                    task.cancel()
+            await self._crashed.wait()
+        finally:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait(tasks)
-            for hold in holds:  # a task cancelled before it started never ran its finally
-                self._release(hold)
-            raise
-        for task in tasks:  # _run_job records every failure; anything else is a bug
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+                for task, hold in list(self._tasks.items()):
+                    if not hold.finishing:
+                        task.cancel()
+                await self._wait_jobs()
+        assert self._crash is not None
+        raise self._crash
+
+    async def _wait_jobs(self) -> None:
+        """Until every job task has ended."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     def _release(self, hold: Hold) -> None:
         """Forget a finished job and free its slot."""
@@ -330,7 +352,7 @@ class Worker:
                 return
             hold.finishing = True
             # No cancel scope reaches here: the job's task is a root task that
-            # nothing cancels once it is finishing (see _run_batch), so the
+            # nothing cancels once it is finishing (see _supervise), so the
             # write needs no shield, only its own deadline.
             write_deadline = asyncio.timeout(self.final_write_timeout)
             async with write_deadline:
@@ -461,7 +483,7 @@ class Worker:
         self.holds[job_id] = hold
         if state.status == "cancelling":
             hold.cancel_reason = "requested"
-        self._jobs.start_soon(self._run_batch, [hold])
+        self._start([hold])
 
     async def _rescue_loop(self) -> None:
         while True:
@@ -490,10 +512,10 @@ class Worker:
             raise ValueError(f"job {jid} is {current.status}, not queued or scheduled")
         if started.operator not in self.ledger.registry:
             raise JobNotFound(jid)  # pragma: no cover - checked by the caller
-        hold = Hold(started, self.id)
-        self.holds[jid] = hold
         async with anyio.create_task_group() as tg:
             await tg.start(self.completer.run)
-            await self._run_batch([hold])
+            tg.start_soon(self._supervise)
+            self._start([Hold(started, self.id)])
+            await self._wait_jobs()
             tg.cancel_scope.cancel()
         return await self.ledger.get(jid, include_deleted=True)
