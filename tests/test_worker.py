@@ -327,3 +327,19 @@ async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedg
     assert done.result == worker.id
     timed_out = [e["job_id"] for e in logs if e["event"] == "job_outcome_write_timed_out"]
     assert timed_out == [str(job.id)]
+
+
+async def test_a_job_task_that_raises_fails_the_worker(ledger: JobLedger) -> None:
+    """_run_job records every failure of a job; an exception that escapes it
+    anyway is a bug, and the worker fails loudly instead of losing it."""
+    await ledger.submit("flaky")
+    worker = Worker(ledger, **FAST)
+
+    async def broken(hold) -> None:
+        raise RuntimeError("a bug in the worker")
+
+    worker._run_job = broken  # type: ignore[method-assign]
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as err:
+        await worker.run()
+    assert err.group_contains(RuntimeError, match="a bug in the worker")
+    assert worker.holds == {}
