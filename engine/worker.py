@@ -298,7 +298,8 @@ class Worker:
             task.add_done_callback(self._job_task_done)
 
     def _job_task_done(self, task: asyncio.Task[None]) -> None:
-        # A task cancelled before it started never ran _run_job's finally.
+        # The one place a job's slot is freed, however its task ended (even
+        # cancelled before it started).
         self._release(self._tasks.pop(task))
         if not task.cancelled() and task.exception() is not None and self._crash is None:
             self._crash = task.exception()  # _run_job records every failure: a bug
@@ -383,8 +384,6 @@ class Worker:
                 )
             else:
                 ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
-        finally:
-            self._release(hold)
 
     async def _call_handler(
         self, hold: Hold, ctx: JobContext
