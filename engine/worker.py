@@ -65,6 +65,7 @@ from engine import lifecycle, store
 from engine.completer import Completer, Hold
 from engine.context import JobContext
 from engine.errors import Cancel, InvalidInputs, JobNotFound, RetryAfter
+from engine.ledger import as_job_id, error_info, utcnow
 from engine.notifications import Notice
 from engine.postgres import DB_ERRORS, retry_dropped
 from engine.rescuer import rescue
@@ -255,15 +256,11 @@ class Worker:
         with contextlib.suppress(*DB_ERRORS):
             due = await self.ledger.pool.fetchval(Q.next_due, self.queues, self.operators)
             if due is not None:
-                from engine.ledger import utcnow
-
                 timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
         with anyio.move_on_after(timeout):
             await self._wake.wait()
 
     async def _claim(self, n: int) -> list[Hold]:
-        from engine.ledger import utcnow
-
         now = utcnow()
         async with self.ledger.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(Q.claim_jobs, self.queues, self.operators, n, now, self.context)
@@ -388,8 +385,6 @@ class Worker:
     async def _call_handler(
         self, hold: Hold, ctx: JobContext
     ) -> tuple[ev.Event | None, str | None]:
-        from engine.ledger import error_info, utcnow
-
         job = hold.state
         op = self.ledger.registry[job.operator]
         # One scope: the job's timeout is its deadline, and cancel requests,
@@ -496,8 +491,6 @@ class Worker:
 
     async def execute(self, job_id: UUID | str) -> Job:
         """Claim one queued job and run it in this process now; return its final state."""
-        from engine.ledger import as_job_id
-
         jid = as_job_id(job_id)
         started = await self.ledger.transition(
             jid,
