@@ -138,7 +138,10 @@ async def test_cancel_a_running_job(db: str, listen: bool) -> None:
         await ledger.wait(job.id, until="running", timeout=5)
         await ledger.cancel(job.id, actor="ana", reason="wrong input")
         done = await ledger.wait(job.id, timeout=5)
-        assert job.id not in worker.holds
+        # The worker forgets the job when its task ends, just after the commit.
+        with anyio.fail_after(2):
+            while job.id in worker.holds:  # noqa: ASYNC110 - polling the worker's state
+                await anyio.sleep(0.01)
         types = [r.type for r in await ledger.history(job.id)]
     assert done.status == "cancelled"
     assert types[-2:] == ["job.cancel_requested", "job.cancelled"]
@@ -317,10 +320,9 @@ async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedg
                     "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
                 )
                 gate["slow write"].set()  # the handler returns; its write waits on our lock
-                with anyio.fail_after(5):
-                    while worker.failed_writes == 0:  # noqa: ASYNC110 - a counter, no event
+                with anyio.fail_after(5):  # the write overruns and its slot is freed
+                    while worker.failed_writes == 0 or worker.holds:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
-                assert worker.holds == {}
                 assert (await ledger.get(job.id)).status == "running"
             # the lock is gone: the completer lands the write it kept
             done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
