@@ -138,7 +138,7 @@ class Worker:
         self.contexts: dict[UUID, JobContext] = {}
         self.claimed = 0
         self.failed_writes = 0
-        self._jobs: anyio.abc.TaskGroup | None = None
+        self._supervising = False  # job tasks may be started (adoption checks it)
         self._tasks: dict[asyncio.Task[None], Hold] = {}
         self._crash: BaseException | None = None
         self._crashed = anyio.Event()
@@ -191,13 +191,13 @@ class Worker:
                 with listener.subscribe(self._on_notice) if listener else contextlib.nullcontext():
                     task_status.started()
                     async with anyio.create_task_group() as jobs:
-                        self._jobs = jobs
                         jobs.start_soon(self._supervise)
+                        self._supervising = True
                         await self._claim_loop()
                         await self._drain()
                         await self._wait_jobs()
+                        self._supervising = False
                         jobs.cancel_scope.cancel()  # the supervisor has nothing left to keep
-                    self._jobs = None
                 services.cancel_scope.cancel()
         finally:
             if self.register:
@@ -464,7 +464,7 @@ class Worker:
             await anyio.sleep(self.heartbeat_interval)
 
     async def _adopt(self, job_id: UUID) -> None:
-        if self._jobs is None or job_id in self.holds or self._stopping.is_set():
+        if not self._supervising or job_id in self.holds or self._stopping.is_set():
             return
         try:
             state = await store.load(self.ledger.pool, job_id)
