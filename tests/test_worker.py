@@ -62,6 +62,13 @@ def register_operators(ledger: JobLedger) -> None:
         return ctx.worker
 
 
+async def until(condition, timeout: float) -> None:
+    """Poll a worker's in-process state until ``condition()`` holds (fail after ``timeout``)."""
+    with anyio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - the state has no event to wait on
+            await anyio.sleep(0.01)
+
+
 @asynccontextmanager
 async def running(ledger: JobLedger, **options):
     worker = Worker(ledger, **{**FAST, **options})
@@ -139,9 +146,7 @@ async def test_cancel_a_running_job(db: str, listen: bool) -> None:
         await ledger.cancel(job.id, actor="ana", reason="wrong input")
         done = await ledger.wait(job.id, timeout=5)
         # The worker forgets the job when its task ends, just after the commit.
-        with anyio.fail_after(2):
-            while job.id in worker.holds:  # noqa: ASYNC110 - polling the worker's state
-                await anyio.sleep(0.01)
+        await until(lambda: job.id not in worker.holds, timeout=2)
         types = [r.type for r in await ledger.history(job.id)]
     assert done.status == "cancelled"
     assert types[-2:] == ["job.cancel_requested", "job.cancelled"]
@@ -227,9 +232,7 @@ async def test_a_rescued_job_cannot_be_completed_by_its_old_worker(
             done = await ledger.wait(job.id, timeout=5)
             b.stop()
         # A's handler has returned by now as well; its completion was refused.
-        with anyio.fail_after(5):
-            while a.holds:  # noqa: ASYNC110 - polling another service's state
-                await anyio.sleep(0.05)
+        await until(lambda: not a.holds, timeout=5)
         assert a.completer.refused == 1
         assert a.failed_writes == 0  # refused cleanly, not an error
     assert done.status == "completed" and done.result == b.id
@@ -244,26 +247,15 @@ async def test_a_rescued_job_cannot_be_completed_by_its_old_worker(
     ]
 
 
-async def test_shutdown_interrupts_and_requeues_after_grace(ledger: JobLedger) -> None:
+@pytest.mark.parametrize("concurrency", [10, 1])
+async def test_shutdown_interrupts_and_requeues_after_grace(
+    ledger: JobLedger, concurrency: int
+) -> None:
+    """stop() lets the running job go on for the grace period, then records it as
+    interrupted and requeued; a full worker (concurrency 1) starts the grace
+    period at once too, it does not wait for a slot to free."""
     job = await ledger.submit("sleepy", {"seconds": 30}, timeout=60)
-    worker = Worker(ledger, shutdown_grace=0.2, **FAST)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        await ledger.wait(job.id, until="running", timeout=5)
-        worker.stop()
-    after = await ledger.get(job.id)
-    assert after.status == "queued" and after.error.type == "interrupted"
-    rows = await ledger.pool.fetch(
-        "SELECT stopped_at FROM jobledger.workers WHERE id = $1", worker.id
-    )
-    assert rows[0]["stopped_at"] is not None
-
-
-async def test_a_full_worker_stops_within_its_grace(ledger: JobLedger) -> None:
-    """stop() on a worker whose slots are all taken starts the grace period at
-    once; it does not wait for a slot to free."""
-    job = await ledger.submit("sleepy", {"seconds": 30}, timeout=60)
-    worker = Worker(ledger, concurrency=1, shutdown_grace=0.2, **FAST)
+    worker = Worker(ledger, concurrency=concurrency, shutdown_grace=0.2, **FAST)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
@@ -271,6 +263,10 @@ async def test_a_full_worker_stops_within_its_grace(ledger: JobLedger) -> None:
             worker.stop()
     after = await ledger.get(job.id)
     assert after.status == "queued" and after.error.type == "interrupted"
+    rows = await ledger.pool.fetch(
+        "SELECT stopped_at FROM jobledger.workers WHERE id = $1", worker.id
+    )
+    assert rows[0]["stopped_at"] is not None
 
 
 async def test_workers_publish_operators(ledger: JobLedger, db: str) -> None:
@@ -320,9 +316,8 @@ async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedg
                     "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
                 )
                 gate["slow write"].set()  # the handler returns; its write waits on our lock
-                with anyio.fail_after(5):  # the write overruns and its slot is freed
-                    while worker.failed_writes == 0 or worker.holds:  # noqa: ASYNC110
-                        await anyio.sleep(0.05)
+                # the write overruns and its slot is freed
+                await until(lambda: worker.failed_writes and not worker.holds, timeout=5)
                 assert (await ledger.get(job.id)).status == "running"
             # the lock is gone: the completer lands the write it kept
             done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
