@@ -39,7 +39,6 @@ from typing import Any
 from uuid import UUID
 
 import anyio
-import asyncpg
 import msgspec
 import structlog
 
@@ -64,6 +63,7 @@ from engine.operators import (
     operator_from_handler,
     to_json_value,
 )
+from engine.pool import Pool
 from engine.postgres import create_pool, migrate, resolve_dsn, retry_dropped
 from engine.retry import retry_at
 from engine.sqlfiles import Q
@@ -214,7 +214,7 @@ class JobLedger:
         self.dsn: str | None = None
         self._registry: dict[str, Operator] = {}
         self._remote: dict[str, OperatorInfo] = {}
-        self._pool: asyncpg.Pool | None = None
+        self._pool: Pool | None = None
         self._stack: AsyncExitStack | None = None
         self._listener: Listener | None = None
         self._listener_task: asyncio.Task[None] | None = None
@@ -268,8 +268,8 @@ class JobLedger:
                 await pool.close()
 
     @property
-    def pool(self) -> asyncpg.Pool:
-        """The connection pool (only while the ledger is open)."""
+    def pool(self) -> Pool:
+        """The connection pool (only while the ledger is open); see :mod:`engine.pool`."""
         if self._pool is None:
             raise RuntimeError("the JobLedger is not open: use `async with ledger:`")
         return self._pool

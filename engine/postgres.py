@@ -38,6 +38,7 @@ import msgspec
 import structlog
 
 from engine.errors import ConfigurationError, DatabaseUnavailable
+from engine.pool import Pool
 from engine.sqlfiles import Q, migrations
 
 log = structlog.get_logger("jobledger.postgres")
@@ -180,28 +181,27 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     return conn
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset: nothing beyond asyncpg's rollback of an open transaction."""
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> Pool:
+    """A started connection pool (:mod:`engine.pool`) of connections with jobledger's codecs.
 
-
-async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any
-) -> asyncpg.Pool:
-    """A connection pool with jobledger's codecs.
-
-    A connection goes back to the pool without asyncpg's default reset query
-    (``RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()``), which
-    would cost a second round trip on every one-statement call. An open
-    transaction is still rolled back (asyncpg always does that). jobledger
-    leaves no session state on pooled connections: transaction-scoped advisory
-    locks and ``set_config(..., true)`` only, LISTEN on its own connection.
-    Code borrowing ``ledger.pool`` must do the same.
+    ``kwargs`` go to :func:`asyncpg.connect` for every connection. A server that
+    cannot be reached at start raises :class:`DatabaseUnavailable`; later
+    connection failures reach the caller as asyncpg raises them
+    (:data:`DB_ERRORS`), so that retry paths can tell them apart.
     """
-    kwargs.setdefault("reset", _keep_session)
+
+    async def open_connection() -> asyncpg.Connection:
+        conn = await asyncpg.connect(dsn, **kwargs)
+        try:
+            await init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    pool = Pool(open_connection, min_size=min_size, max_size=max_size)
     try:
-        return await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=init_connection, **kwargs
-        )
+        return await pool.start()
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         raise unavailable(dsn, exc) from exc
 

@@ -61,6 +61,7 @@ import msgspec
 
 from engine import events as ev
 from engine.errors import ImmutableLog, JobNotFound, PayloadTooLarge
+from engine.pool import Pool
 from engine.sqlfiles import Q
 from projections.codec import decode_job, recorded_from_row
 from projections.job_state import Job
@@ -70,6 +71,9 @@ MAX_DONE_IDS = 100
 IMMUTABLE_SQLSTATE = "JL001"
 
 _encoder = msgspec.json.Encoder()
+
+Executor = asyncpg.Connection | Pool
+"""What the functions here run their statements on: a connection, or the pool."""
 
 
 class Change(msgspec.Struct, frozen=True):
@@ -140,7 +144,7 @@ def _encode_batch(changes: Sequence[Change]) -> tuple[bytes, bytes]:
 
 
 async def append(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Executor,
     changes: Sequence[Change],
     *,
     notify: str | None = None,
@@ -171,7 +175,7 @@ async def append(
 
 
 async def create(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Executor,
     changes: Sequence[Change],
     *,
     notify: str | None = None,
@@ -190,7 +194,7 @@ async def create(
     return {r["job_id"]: r["position"] for r in result}
 
 
-async def load(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> Job:
+async def load(conn: Executor, job_id: UUID) -> Job:
     """The job's current row; raises :class:`JobNotFound`."""
     doc = await conn.fetchval(Q.load_job, job_id)
     if doc is None:
@@ -198,23 +202,19 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> Job:
     return decode_job(doc)
 
 
-async def load_many(
-    conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[UUID]
-) -> dict[UUID, Job]:
+async def load_many(conn: Executor, ids: Sequence[UUID]) -> dict[UUID, Job]:
     """The current rows of these jobs (missing ones are absent)."""
     jobs = [decode_job(r[0]) for r in await conn.fetch(Q.load_jobs, list(ids))]
     return {j.id: j for j in jobs}
 
 
-async def by_idempotency_keys(
-    conn: asyncpg.Connection | asyncpg.Pool, keys: Sequence[str]
-) -> dict[str, Job]:
+async def by_idempotency_keys(conn: Executor, keys: Sequence[str]) -> dict[str, Job]:
     """The jobs holding these idempotency keys."""
     jobs = [decode_job(r[0]) for r in await conn.fetch(Q.jobs_by_idempotency_key, list(keys))]
     return {j.idempotency_key: j for j in jobs if j.idempotency_key is not None}
 
 
-async def read_stream(conn: asyncpg.Connection | asyncpg.Pool, job_id: UUID) -> list[ev.Recorded]:
+async def read_stream(conn: Executor, job_id: UUID) -> list[ev.Recorded]:
     """One job's events in version order (empty if the job has none)."""
     return [recorded_from_row(r) for r in await conn.fetch(Q.read_stream, job_id)]
 
@@ -231,9 +231,7 @@ class Checkpoint(msgspec.Struct, frozen=True, order=True):
         return cls(rec.tx_id or 0, rec.position or 0)
 
 
-async def read_log(
-    conn: asyncpg.Connection | asyncpg.Pool, after: Checkpoint, limit: int = 1000
-) -> list[ev.Recorded]:
+async def read_log(conn: Executor, after: Checkpoint, limit: int = 1000) -> list[ev.Recorded]:
     """The next events of the whole log after ``after``, gap-free (see the module docstring)."""
     rows = await conn.fetch(Q.read_log, str(after.tx_id), after.position, limit)
     return [recorded_from_row(r) for r in rows]
@@ -243,7 +241,7 @@ class LogFromAnotherCluster(RuntimeError):
     """The log's transaction ids are ahead of this cluster's (a restored dump)."""
 
 
-async def check_log_cluster(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+async def check_log_cluster(conn: Executor) -> None:
     """Raise :class:`LogFromAnotherCluster` when the log cannot be read gap-free here."""
     if await conn.fetchval(Q.log_ahead_of_cluster):
         top = await conn.fetchval("SELECT max(tx_id)::text FROM jobledger.events")
