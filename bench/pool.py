@@ -41,7 +41,7 @@ async def measure(rounds: int, submits: int) -> dict[str, list[tuple[float, floa
             held = await ours.acquire()
             pools: dict[str, Any] = {"asyncpg pool": theirs, "engine.pool": ours, "held": held}
             try:
-                for name, pool in pools.items():  # warm up: prepared statements on each
+                for pool in pools.values():  # warm up: prepared statements on each
                     ledger._pool = pool
                     for _ in range(100):
                         await ledger.submit("noop")
