@@ -177,3 +177,28 @@ async def test_verify_exits_1_on_a_difference(ledger: JobLedger, db: str) -> Non
         assert code == 0
     finally:
         await conn.close()
+
+
+async def test_a_worker_logs_json_lines_off_a_terminal(ledger: JobLedger, db: str) -> None:
+    """Each job's start and end are one JSON object per line, with stable event names."""
+    job = await ledger.submit("dataset.import", {"dataset": "cats", "rows": 7})
+    code, _, err = await cli(db, "--app", "tests.operators:app", "worker", "--burst")
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    mine = {rec["event"]: rec for rec in lines if rec.get("job_id") == str(job.id)}
+    assert set(mine) >= {"job_started", "job_completed"}
+    done = mine["job_completed"]
+    assert done["level"] == "info" and done["operator"] == "dataset.import"
+    assert done["duration_ms"] >= 0 and done["timestamp"].endswith("Z")
+    assert list(done)[:3] == ["timestamp", "level", "event"]
+    assert (await ledger.get(job.id)).status == "completed"
+
+
+async def test_bad_log_settings_are_refused_by_name(db: str) -> None:
+    env = {**os.environ, "JOBLEDGER_DSN": db}
+    for var, value in (("JOBLEDGER_LOG_FORMAT", "xml"), ("JOBLEDGER_LOG_LEVEL", "loud")):
+        proc = await anyio.run_process(
+            [sys.executable, "-m", "engine.cli", "workers"], env={**env, var: value}, check=False
+        )
+        assert proc.returncode == 2
+        assert f"got {value!r}" in proc.stderr.decode()
