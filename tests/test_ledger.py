@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import msgspec
 import pytest
@@ -21,6 +23,7 @@ from engine import (
     store,
 )
 from engine import events as ev
+from engine.ledger import new_job_id
 from engine.postgres import connect
 from engine.sqlfiles import Q
 from engine.store import LIMITS
@@ -374,3 +377,14 @@ async def test_progress_updates_are_mostly_heap_only(ledger: JobLedger, db: str)
     finally:
         await conn.close()
     assert hot >= 0.5 * 5 * 300
+
+
+def test_job_ids_are_ordinary_uuid7s_in_submission_order() -> None:
+    ids = [new_job_id() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for u in ids[:50]:
+        same = UUID(str(u))
+        assert u == same and hash(u) == hash(same) and u.int == same.int
+        assert u.version == 7 and u.variant == "specified in RFC 4122"
+        assert pickle.loads(pickle.dumps(u)) == u and copy.deepcopy(u) == u
+        assert msgspec.json.decode(msgspec.json.encode(u), type=UUID) == u
