@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from engine.pool import Pool, PoolClosed
@@ -142,3 +143,37 @@ async def test_close_waits_for_lent_connections_then_refuses_loans(db: str) -> N
     assert conn.is_closed()
     with pytest.raises(PoolClosed):
         await pool.fetchval("SELECT 1")
+
+
+async def test_a_failed_connect_gives_its_place_back(db: str) -> None:
+    """The server refuses connections for a while: callers get the error, the pool keeps
+    no phantom connection, and it opens real ones again once the server answers."""
+    refusing = False
+
+    async def flaky() -> asyncpg.Connection:
+        if refusing:
+            raise ConnectionRefusedError("the server is down (for this test)")
+        return await connect(db)
+
+    pool = await Pool(flaky, min_size=0, max_size=1).start()
+    try:
+        refusing = True
+        with pytest.raises(ConnectionRefusedError):
+            await pool.fetchval("SELECT 1")
+        assert pool.get_size() == 0
+        refusing = False
+        conn = await pool.acquire()  # the one place: a waiter queues behind it
+        waiter = asyncio.create_task(pool.fetchval("SELECT 'waited'"))
+        await asyncio.sleep(0.05)
+        refusing = True
+        conn.terminate()  # comes back closed: its place goes to the waiter, who connects
+        await pool.release(conn)
+        with pytest.raises(ConnectionRefusedError):
+            await waiter
+        assert pool.get_size() == 0
+        refusing = False
+        async with asyncio.timeout(5):
+            assert await pool.fetchval("SELECT 5") == 5
+        assert pool.get_size() == 1
+    finally:
+        await asyncio.wait_for(pool.close(), 5)
