@@ -220,72 +220,61 @@ class Pool:
                 conn.terminate()
             self._size -= 1
             self._place_freed()
+        elif (fut := self._next_waiter()) is not None:
+            self._lent += 1
+            fut.set_result(conn)
         else:
-            waiters = self._waiters
-            while waiters:
-                fut = waiters.popleft()
-                if not fut.done():
-                    self._lent += 1
-                    fut.set_result(conn)
-                    break
-            else:
-                self._idle.append(conn)
+            self._idle.append(conn)
         if self._lent == 0 and self._all_back is not None:
             self._all_back.set()
 
     def _place_freed(self) -> None:
         """A connection went away: the longest waiter may open a new one."""
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
+        if (fut := self._next_waiter()) is not None:
+            self._size += 1
+            fut.set_result(None)
+
+    def _next_waiter(self) -> asyncio.Future[asyncpg.Connection | None] | None:
+        """The longest waiter still waiting (cancelled ones are dropped on the way)."""
+        while self._waiters:
+            fut = self._waiters.popleft()
             if not fut.done():
-                self._size += 1
-                fut.set_result(None)
-                return
+                return fut
+        return None
 
     # -- one statement ---------------------------------------------------------
 
-    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Run ``query`` on a lent connection; all its rows."""
+    async def _one(self, method: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+        """Run one connection method on a lent connection, and give it back."""
         conn = self._take_idle() or await self._take()
         try:
-            return await conn.fetch(query, *args, timeout=timeout)
+            return await method(conn, *args, **kw)
         finally:
             self._give_back(conn)
 
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Run ``query`` on a lent connection; all its rows."""
+        return await self._one(asyncpg.Connection.fetch, query, *args, timeout=timeout)
+
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         """Run ``query`` on a lent connection; its first row or ``None``."""
-        conn = self._take_idle() or await self._take()
-        try:
-            return await conn.fetchrow(query, *args, timeout=timeout)
-        finally:
-            self._give_back(conn)
+        return await self._one(asyncpg.Connection.fetchrow, query, *args, timeout=timeout)
 
     async def fetchval(
         self, query: str, *args: Any, column: int = 0, timeout: float | None = None
     ) -> Any:
         """Run ``query`` on a lent connection; one value of its first row, or ``None``."""
-        conn = self._take_idle() or await self._take()
-        try:
-            return await conn.fetchval(query, *args, column=column, timeout=timeout)
-        finally:
-            self._give_back(conn)
+        return await self._one(
+            asyncpg.Connection.fetchval, query, *args, column=column, timeout=timeout
+        )
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run ``query`` on a lent connection; its status tag."""
-        conn = self._take_idle() or await self._take()
-        try:
-            return await conn.execute(query, *args, timeout=timeout)
-        finally:
-            self._give_back(conn)
+        return await self._one(asyncpg.Connection.execute, query, *args, timeout=timeout)
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
         """Run ``query`` once per argument tuple, on one lent connection."""
-        conn = self._take_idle() or await self._take()
-        try:
-            await conn.executemany(query, args, timeout=timeout)
-        finally:
-            self._give_back(conn)
+        await self._one(asyncpg.Connection.executemany, query, args, timeout=timeout)
 
     # -- introspection ---------------------------------------------------------
 
