@@ -179,19 +179,25 @@ async def create(
     changes: Sequence[Change],
     *,
     notify: str | None = None,
-) -> dict[UUID, int]:
+) -> set[UUID]:
     """Start new streams (``job.submitted`` + first row) in one statement.
 
-    Returns ``{job_id: position}``; a job missing from it was skipped because
-    its idempotency key is taken.
+    Returns the ids of the jobs stored; a job missing from it was skipped
+    because its idempotency key is taken. A batch without idempotency keys
+    is stored whole or not at all.
     """
     if not changes:
-        return {}
+        return set()
     rows, events = _encode_batch(changes)
-    keyed = any(c.state.idempotency_key is not None for c in changes)
-    query = Q.create_streams if keyed else Q.create_streams_plain
-    result = await conn.fetch(query, msgspec.Raw(rows), msgspec.Raw(events), notify)
-    return {r["job_id"]: r["position"] for r in result}
+    if any(c.state.idempotency_key is not None for c in changes):
+        result = await conn.fetch(Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify)
+        return {r["job_id"] for r in result}
+    count = await conn.fetchval(
+        Q.create_streams_plain, msgspec.Raw(rows), msgspec.Raw(events), notify
+    )
+    if count != len(changes):  # pragma: no cover - the statement is all or nothing
+        raise RuntimeError(f"stored {count} of {len(changes)} new jobs")
+    return {c.state.id for c in changes}
 
 
 async def load(conn: Executor, job_id: UUID) -> Job:

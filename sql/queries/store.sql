@@ -69,8 +69,10 @@ FROM ins;
 
 -- name: create_streams_plain
 -- create_streams for a batch in which no job has an idempotency key: no job
--- can be skipped, so no conflict clause (a speculative insertion per row) and
--- no join of the events to the rows created; a failing row fails it all.
+-- can be skipped, so no conflict clause (a speculative insertion per row), no
+-- join of the events to the rows created, and only a count back (a failing
+-- row fails it all): rendering and decoding a row per job cost ~5% of a
+-- batch's time.
 WITH created AS (
     INSERT INTO jobledger.jobs
     SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
@@ -80,9 +82,9 @@ ins AS (
     SELECT e.job_id, 1, e.type, e.data, e.meta, e.recorded_at
     FROM jsonb_to_recordset($2::jsonb)
          AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
-    RETURNING job_id, position
+    RETURNING 1
 )
-SELECT ins.job_id, ins.position,
+SELECT count(*),
        (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
                               WHERE $3::text IS NOT NULL) AS n) AS notified
 FROM ins;
