@@ -6,8 +6,9 @@ read. Nothing here decides what the new row is: callers compute it with the
 reducer (:func:`projections.job_state.apply`) and pass both the event and the
 resulting row, so the live table is by construction the fold of the log.
 
-A job missing from an append's result was moved by someone else first (its
-version moved on); the caller reloads and re-applies, or reports the conflict.
+A job missing from an append's result (the set of ids written) was moved by
+someone else first (its version moved on); the caller reloads and re-applies,
+or reports the conflict.
 
 Notifications: a write may carry one NOTIFY payload, sent once by the same
 statement (never once per job of a batch). Listeners on channel ``jobledger``
@@ -148,17 +149,17 @@ async def append(
     changes: Sequence[Change],
     *,
     notify: str | None = None,
-) -> dict[UUID, int]:
+) -> set[UUID]:
     """Append one event to each of several existing streams, with their new rows.
 
-    Returns ``{job_id: position}`` for the events stored; a job missing from
-    it was moved by another writer first and nothing was written for it.
+    Returns the ids of the jobs written; a job missing from it was moved by
+    another writer first and nothing was written for it.
     """
     if not changes:
-        return {}
+        return set()
     rows, events = _encode_batch(changes)
     try:
-        result = await conn.fetch(
+        written = await conn.fetchval(
             Q.append_events,
             msgspec.Raw(rows),
             msgspec.Raw(events),
@@ -169,9 +170,9 @@ async def append(
         if exc.constraint_name == "events_stream_version":
             # The row guard let it through but the log already has that
             # version: the jobs row is behind its log. Treat as a conflict.
-            return {}
+            return set()
         raise
-    return {r["job_id"]: r["position"] for r in result}
+    return set(written) if written is not None else set()
 
 
 async def create(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import pickle
 from datetime import UTC, datetime, timedelta
@@ -388,3 +389,24 @@ def test_job_ids_are_ordinary_uuid7s_in_submission_order() -> None:
         assert u.version == 7 and u.variant == "specified in RFC 4122"
         assert pickle.loads(pickle.dumps(u)) == u and copy.deepcopy(u) == u
         assert msgspec.json.decode(msgspec.json.encode(u), type=UUID) == u
+
+
+async def test_a_write_notifies_once_and_only_when_it_stored_something(
+    ledger: JobLedger, db: str
+) -> None:
+    [job] = await ledger.submit_many([{"operator": "noop"}])
+    stale = await ledger.get(job.id)
+    await ledger.set_label(job.id, "moved on")  # the stale state is one version behind
+    listener = await connect(db)
+    heard: list[str] = []
+    await listener.add_listener("jobledger", lambda *args: heard.append(args[3]))
+    try:
+        late = ledger.make_change(stale, ev.Pinned(pinned=True))
+        assert await store.append(ledger.pool, [late], notify='{"ready":["late"]}') == set()
+        fresh = ledger.make_change(await ledger.get(job.id), ev.Pinned(pinned=True))
+        payload = '{"ready":["fresh"]}'
+        assert await store.append(ledger.pool, [fresh], notify=payload) == {job.id}
+        await asyncio.sleep(0.3)
+        assert heard == [payload]  # none for the write that stored nothing
+    finally:
+        await listener.close()

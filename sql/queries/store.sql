@@ -2,12 +2,16 @@
 -- Append one event to each of several existing streams and write each job's
 -- new row, in one statement. $1: the new rows (JSON array, computed by the
 -- reducer); $2: the events (job_id, version, type, data, meta, recorded_at);
--- $3: a NOTIFY payload or NULL.
+-- $3: a NOTIFY payload or NULL; $4: the jobs' ids.
 --
 -- The UPDATE is guarded by the version the writer read (the new version - 1):
 -- a job that another writer moved first matches no row, so its event is not
 -- inserted and it is missing from the result. The UNIQUE (job_id, version)
 -- constraint on events is the second guard. At most one event per job.
+--
+-- The result is one row, the ids of the jobs written, or no row at all when
+-- none was: the uncorrelated sub-select (the NOTIFY) runs once, and only when
+-- that row is produced.
 WITH s AS (
     SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
 ),
@@ -35,13 +39,13 @@ ins AS (
          AS e(job_id uuid, version integer, type text, data jsonb, meta jsonb,
               recorded_at timestamptz)
     JOIN moved ON moved.id = e.job_id
-    RETURNING job_id, position
+    RETURNING job_id
 )
--- The uncorrelated sub-select runs once, and only if a row comes back.
-SELECT ins.job_id, ins.position,
+SELECT array_agg(ins.job_id),
        (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
                               WHERE $3::text IS NOT NULL) AS n) AS notified
-FROM ins;
+FROM ins
+HAVING count(*) > 0;
 
 -- name: create_streams
 -- Start new streams: insert each job's first row and its job.submitted event,
