@@ -74,6 +74,8 @@ from projections.job_state import Job, apply
 log = structlog.get_logger("jobledger")
 
 MAX_CONFLICT_RETRIES = 100
+POOL_CLOSE_TIMEOUT = 10.0
+"""Seconds a closing ledger waits for lent connections before terminating them."""
 BULK_BATCH = 500
 StatusArg = str | Iterable[str] | None
 
@@ -265,7 +267,7 @@ class JobLedger:
         pool, self._pool = self._pool, None
         if pool is not None:
             with anyio.CancelScope(shield=True):
-                await pool.close()
+                await pool.close(timeout=POOL_CLOSE_TIMEOUT)
 
     @property
     def pool(self) -> Pool:

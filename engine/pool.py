@@ -49,11 +49,13 @@ of them gracefully, as asyncpg's pool does.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any
 
+import anyio
 import asyncpg
 import structlog
 
@@ -87,7 +89,7 @@ class Pool:
         # Each waiter gets a connection, or None: "a place is free, open one".
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._size = 0  # connections open or being opened, lent or idle
-        self._lent = 0
+        self._lent: set[asyncpg.Connection] = set()  # so that a hard stop reaches them
         self._closing = False
         self._closed = False
         self._all_back: asyncio.Event | None = None
@@ -110,8 +112,14 @@ class Pool:
         self._idle.extend(opened)
         return self
 
-    async def close(self) -> None:
-        """Wait for every lent connection to come back, then close them all."""
+    async def close(self, *, timeout: float | None = None) -> None:
+        """Wait for every lent connection to come back, then close them all.
+
+        With ``timeout``, connections still lent after that many seconds are
+        terminated (and the pool with them), and ``pool_close_timed_out``
+        names how many: a loan that never ends must not keep a process from
+        exiting.
+        """
         if self._closed:
             return
         self._closing = True
@@ -120,9 +128,14 @@ class Pool:
                 if not fut.done():
                     fut.set_exception(PoolClosed("the connection pool is closing"))
             self._waiters.clear()
-            while self._lent:
-                self._all_back = asyncio.Event()
-                await self._all_back.wait()
+            with anyio.move_on_after(math.inf if timeout is None else timeout) as waiting:
+                while self._lent:
+                    self._all_back = asyncio.Event()
+                    await self._all_back.wait()
+            if waiting.cancelled_caught:
+                log.warning("pool_close_timed_out", lent=len(self._lent), timeout=timeout)
+                self.terminate()
+                return
             idle, self._idle = self._idle, []
             await asyncio.gather(*(self._close_one(c) for c in idle))
         except BaseException:
@@ -132,10 +145,10 @@ class Pool:
             self._closed = True
 
     def terminate(self) -> None:
-        """Close every idle connection at once, without a goodbye to the server."""
+        """Close every connection at once, lent ones too, without a goodbye to the server."""
         self._closing = self._closed = True
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn in [*idle, *self._lent]:
             conn.terminate()
         self._size -= len(idle)
 
@@ -164,7 +177,7 @@ class Pool:
         while idle:
             conn = idle.pop()
             if not conn.is_closed():
-                self._lent += 1
+                self._lent.add(conn)
                 return conn
             self._size -= 1
         return None
@@ -208,11 +221,11 @@ class Pool:
             self._size -= 1
             conn.terminate()
             raise PoolClosed("the connection pool closed while a connection was opening")
-        self._lent += 1
+        self._lent.add(conn)
         return conn
 
     def _give_back(self, conn: asyncpg.Connection) -> None:
-        self._lent -= 1
+        self._lent.discard(conn)
         if conn.is_closed() or conn.is_in_transaction() or self._closed:
             if not conn.is_closed():
                 if conn.is_in_transaction():
@@ -221,11 +234,11 @@ class Pool:
             self._size -= 1
             self._place_freed()
         elif (fut := self._next_waiter()) is not None:
-            self._lent += 1
+            self._lent.add(conn)
             fut.set_result(conn)
         else:
             self._idle.append(conn)
-        if self._lent == 0 and self._all_back is not None:
+        if not self._lent and self._all_back is not None:
             self._all_back.set()
 
     def _place_freed(self) -> None:

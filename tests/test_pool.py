@@ -177,3 +177,13 @@ async def test_a_failed_connect_gives_its_place_back(db: str) -> None:
         assert pool.get_size() == 1
     finally:
         await asyncio.wait_for(pool.close(), 5)
+
+
+async def test_a_bounded_close_terminates_a_loan_that_never_ends(db: str) -> None:
+    pool = await create_pool(db, min_size=1, max_size=2)
+    forgotten = await pool.acquire()  # never released
+    async with asyncio.timeout(5):
+        await pool.close(timeout=0.2)
+    assert forgotten.is_closed()
+    with pytest.raises(PoolClosed):
+        await pool.fetchval("SELECT 1")
