@@ -191,8 +191,10 @@ async def create(
         return set()
     rows, events = _encode_batch(changes)
     if any(c.state.idempotency_key is not None for c in changes):
-        result = await conn.fetch(Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify)
-        return {r["job_id"] for r in result}
+        stored = await conn.fetchval(
+            Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify
+        )
+        return set(stored) if stored is not None else set()
     count = await conn.fetchval(
         Q.create_streams_plain, msgspec.Raw(rows), msgspec.Raw(events), notify
     )

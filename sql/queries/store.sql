@@ -52,6 +52,7 @@ HAVING count(*) > 0;
 -- in one statement. A job whose idempotency key is already taken is skipped
 -- (ON CONFLICT DO NOTHING) and missing from the result; the caller then reads
 -- the existing job by its key. $1 rows, $2 events, $3 NOTIFY payload or NULL.
+-- As in append_events: one row of the ids stored, or none (and no NOTIFY).
 WITH created AS (
     INSERT INTO jobledger.jobs
     SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
@@ -64,12 +65,13 @@ ins AS (
     FROM jsonb_to_recordset($2::jsonb)
          AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
     JOIN created ON created.id = e.job_id
-    RETURNING job_id, position
+    RETURNING job_id
 )
-SELECT ins.job_id, ins.position,
+SELECT array_agg(ins.job_id),
        (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
                               WHERE $3::text IS NOT NULL) AS n) AS notified
-FROM ins;
+FROM ins
+HAVING count(*) > 0;
 
 -- name: create_streams_plain
 -- create_streams for a batch in which no job has an idempotency key: no job
