@@ -43,7 +43,8 @@ How it lends
   reference from using it after).
 
 :meth:`Pool.close` waits until every lent connection is back, then closes all
-of them gracefully, as asyncpg's pool does.
+of them gracefully, as asyncpg's pool does; given a ``timeout``, it then
+terminates whatever is still lent (``JobLedger`` closes with 10 s).
 """
 
 from __future__ import annotations

@@ -144,6 +144,11 @@ def _encode_batch(changes: Sequence[Change]) -> tuple[bytes, bytes]:
     return rows, events
 
 
+def _ids(value: Sequence[UUID] | None) -> set[UUID]:
+    """The result of append_events or create_streams: one uuid[] row, or no row."""
+    return set(value) if value is not None else set()
+
+
 async def append(
     conn: Executor,
     changes: Sequence[Change],
@@ -172,7 +177,7 @@ async def append(
             # version: the jobs row is behind its log. Treat as a conflict.
             return set()
         raise
-    return set(written) if written is not None else set()
+    return _ids(written)
 
 
 async def create(
@@ -194,7 +199,7 @@ async def create(
         stored = await conn.fetchval(
             Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify
         )
-        return set(stored) if stored is not None else set()
+        return _ids(stored)
     count = await conn.fetchval(
         Q.create_streams_plain, msgspec.Raw(rows), msgspec.Raw(events), notify
     )
