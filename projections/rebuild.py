@@ -20,6 +20,7 @@ other projections lag (never lose events) while it runs.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gc
 import operator
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -107,7 +108,7 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
     Python's cyclic garbage collector is paused while the log is folded.
     Returns the events folded.
     """
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, _timestamps_as_integers(conn), conn.transaction():
         await conn.execute(Q.lock_jobs_for_rebuild)
         ddl = await _copy_ddl(conn)  # before the fold: an index it cannot copy fails fast
         total = await _event_count(conn)
@@ -144,6 +145,72 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
             progress(done, total)
         await _swap(conn, ddl)
     return done
+
+
+_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)  # PostgreSQL's timestamp zero
+_INFINITY, _NEG_INFINITY = 2**63 - 1, -(2**63)
+
+
+def _timestamp_encoder() -> Callable[[dt.datetime], tuple[int]]:
+    """A datetime -> ``(microseconds since 2000-01-01 UTC,)``, remembering the last one.
+
+    A row's timestamps are often the very same object (a new job's
+    ``created_at``, ``updated_at`` and ``status_changed_at`` are its event's
+    ``recorded_at``), so the previous result is reused when the object is.
+    Naive datetimes are read as local time, as asyncpg does.
+    """
+    last: list[Any] = [None, None]
+
+    def encode(value: dt.datetime) -> tuple[int]:
+        if value is last[0]:
+            return last[1]  # type: ignore[no-any-return]
+        try:
+            delta = value - _EPOCH
+        except TypeError:
+            delta = value.astimezone(dt.UTC) - _EPOCH
+        out = (delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds,)
+        last[0], last[1] = value, out
+        return out
+
+    return encode
+
+
+def _timestamp_decode(value: tuple[int]) -> dt.datetime:
+    """``(microseconds,)`` -> an aware UTC datetime; infinities as asyncpg gives them."""
+    (micros,) = value
+    if micros == _INFINITY:
+        return dt.datetime.max
+    if micros == _NEG_INFINITY:
+        return dt.datetime.min
+    return _EPOCH + dt.timedelta(microseconds=micros)
+
+
+@contextlib.asynccontextmanager
+async def _timestamps_as_integers(conn: Any) -> AsyncIterator[None]:
+    """Move ``timestamptz`` values as integers on ``conn`` for the rebuild's duration.
+
+    asyncpg's own encoder spent about 0.7 us per timestamp (a time-zone
+    conversion and a subtraction, with infinity checks), two thirds of the
+    COPY's client time; this one is plain arithmetic on the same datetimes
+    and reuses a row's repeated value. The codec is set outside the rebuild's
+    transaction and put back after it; a connection whose codec cannot be put
+    back is closed rather than returned to the pool as it is.
+    """
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=_timestamp_encoder(),
+        decoder=_timestamp_decode,
+        format="tuple",
+    )
+    try:
+        yield
+    finally:
+        try:
+            await conn.reset_type_codec("timestamptz", schema="pg_catalog")
+        except BaseException:
+            conn.terminate()
+            raise
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from uuid import UUID
 
 import anyio
@@ -184,6 +184,76 @@ async def test_rebuilds_reproduce_the_projections(ledger: JobLedger, db: str) ->
         since=datetime.now(UTC) - timedelta(days=1), until=datetime.now(UTC) + timedelta(days=1)
     )
     assert after == before
+
+
+async def test_a_jobs_rebuild_keeps_every_timestamp_to_the_microsecond(
+    ledger: JobLedger, db: str
+) -> None:
+    """The rebuild moves timestamps as integers (its own codec): scheduled times in
+    other zones, far-future and pre-2000 instants come back exactly as replay has them."""
+    plus5 = timezone(timedelta(hours=5, minutes=30))
+    run_ats = [
+        datetime(2031, 7, 4, 12, 0, 0, 123456, tzinfo=plus5),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ]
+    jobs = await ledger.submit_many([{"operator": "noop", "run_at": t} for t in run_ats])
+    done = await ledger.submit("noop")
+    await ledger.mark_running(done.id)
+    await ledger.mark_completed(done.id)
+    conn = await connect(db)
+    try:
+        await conn.execute("UPDATE jobledger.jobs SET run_at = NULL, created_at = now()")
+    finally:
+        await conn.close()
+    assert await rebuild_jobs(ledger.pool) == len(run_ats) + 3
+    assert await verify_all(ledger.pool) == []
+    for job, at in zip(jobs, run_ats, strict=True):
+        assert (await ledger.get(job.id)).run_at == at
+
+
+async def test_a_jobs_rebuild_gives_its_connection_back_with_asyncpgs_codecs(
+    ledger: JobLedger,
+) -> None:
+    from projections import rebuild
+
+    async with ledger.pool.acquire() as conn:
+        async with rebuild._timestamps_as_integers(conn):
+            assert await conn.fetchval("SELECT '2000-01-01 00:00:01+00'::timestamptz") == (
+                datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC)
+            )
+        # A failing rebuild puts the codec back too, after its rollback.
+        with pytest.raises(ZeroDivisionError):
+            async with rebuild._timestamps_as_integers(conn), conn.transaction():
+                await conn.execute("SELECT 1")
+                1 / 0  # noqa: B018
+        value = await conn.fetchval("SELECT 'infinity'::timestamptz")
+        assert value == datetime.max  # asyncpg's own decoder again
+        assert await conn.fetchval("SELECT $1::timestamptz = '2000-01-01Z'", _EPOCH) is True
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def test_the_rebuilds_timestamp_codec_matches_asyncpgs() -> None:
+    from projections import rebuild
+
+    encode = rebuild._timestamp_encoder()
+    for at in (
+        datetime(2000, 1, 1, tzinfo=UTC),
+        datetime(2026, 12, 1, 10, 7, 31, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=-7))),
+    ):
+        (micros,) = encode(at)
+        assert encode(at) == (micros,)  # the remembered value
+        assert rebuild._timestamp_decode((micros,)) == at
+    naive = datetime(2026, 6, 1, 12, 0)  # local time, as asyncpg reads it
+    assert rebuild._timestamp_decode(encode(naive)) == naive.astimezone(UTC)
+    assert rebuild._timestamp_decode((2**63 - 1,)) == datetime.max
+    assert rebuild._timestamp_decode((-(2**63),)) == datetime.min
 
 
 async def test_readers_are_not_blocked_during_a_jobs_rebuild(ledger: JobLedger, db: str) -> None:
