@@ -92,6 +92,8 @@ async def rebuild_projection(
 
 
 _row = operator.attrgetter(*JOB_FIELDS)
+_FETCH = 10_000  # events read per round trip
+_COPY_ROWS = 20_000  # rows per COPY
 
 
 async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
@@ -114,33 +116,31 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
         total = await _event_count(conn)
         await conn.execute(Q.jobs_rebuild_create)
         done = 0
-
-        async def folded() -> AsyncIterator[tuple[Any, ...]]:
-            nonlocal done
-            state: Job | None = None
-            current = None
-            async for row in conn.cursor(Q.stream_all_events, prefetch=10_000):
-                if row["job_id"] != current:
-                    if state is not None:
-                        yield _row(state)
-                    current, state = row["job_id"], None
-                state = apply(state, recorded_from_row(row))
-                done += 1
-                if progress and done % 10_000 == 0:
+        # The log is fetched a batch at a time and each batch folded in one
+        # synchronous loop (an async iterator per event cost ~15% of the
+        # fold); a stream may continue into the next batch, so the job being
+        # folded is carried over. The cursor and the COPY share the
+        # connection: the finished rows wait in `rows` for their COPY.
+        rows: list[tuple[Any, ...]] = []
+        state: Job | None = None
+        current = None
+        with _collector_paused():
+            cursor = await conn.cursor(Q.stream_all_events)
+            while batch := await cursor.fetch(_FETCH):
+                for row in batch:
+                    if row["job_id"] != current:
+                        if state is not None:
+                            rows.append(_row(state))
+                        current, state = row["job_id"], None
+                    state = apply(state, recorded_from_row(row))
+                done += len(batch)
+                if len(rows) >= _COPY_ROWS:
+                    await _copy(conn, rows)
+                if progress:
                     progress(done, total)
             if state is not None:
-                yield _row(state)
-
-        # The cursor and the COPY share the connection, so the rows are
-        # buffered a batch at a time between them.
-        batch: list[tuple[Any, ...]] = []
-        with _collector_paused():
-            async with contextlib.aclosing(folded()) as rows:
-                async for row in rows:
-                    batch.append(row)
-                    if len(batch) >= 20_000:
-                        await _copy(conn, batch)
-            await _copy(conn, batch)
+                rows.append(_row(state))
+            await _copy(conn, rows)
         if progress:
             progress(done, total)
         await _swap(conn, ddl)
