@@ -149,6 +149,7 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
 
 _EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)  # PostgreSQL's timestamp zero
 _INFINITY, _NEG_INFINITY = 2**63 - 1, -(2**63)
+_timedelta = dt.timedelta
 
 
 def _timestamp_encoder() -> Callable[[dt.datetime], tuple[int]]:
@@ -177,12 +178,14 @@ def _timestamp_encoder() -> Callable[[dt.datetime], tuple[int]]:
 
 def _timestamp_decode(value: tuple[int]) -> dt.datetime:
     """``(microseconds,)`` -> an aware UTC datetime; infinities as asyncpg gives them."""
-    (micros,) = value
-    if micros == _INFINITY:
-        return dt.datetime.max
-    if micros == _NEG_INFINITY:
-        return dt.datetime.min
-    return _EPOCH + dt.timedelta(microseconds=micros)
+    try:
+        return _EPOCH + _timedelta(0, 0, value[0])
+    except OverflowError:
+        if value[0] == _INFINITY:
+            return dt.datetime.max
+        if value[0] == _NEG_INFINITY:
+            return dt.datetime.min
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -70,16 +70,18 @@ async def replay_all(conn: Any) -> AsyncIterator[tuple[UUID, Job | None, str | N
     current: UUID | None = None
     state: Job | None = None
     error: str | None = None
-    async for row in conn.cursor(Q.stream_all_events, prefetch=BATCH):
-        if row["job_id"] != current:
-            if current is not None:
-                yield current, state, error
-            current, state, error = row["job_id"], None, None
-        if error is None:
-            try:
-                state = apply(state, recorded_from_row(row))
-            except (NotApplicable, msgspec.ValidationError, ValueError) as exc:
-                error = str(exc)
+    cursor = await conn.cursor(Q.stream_all_events)
+    while batch := await cursor.fetch(BATCH):  # a batch per round trip, folded in one loop
+        for row in batch:
+            if row["job_id"] != current:
+                if current is not None:
+                    yield current, state, error
+                current, state, error = row["job_id"], None, None
+            if error is None:
+                try:
+                    state = apply(state, recorded_from_row(row))
+                except (NotApplicable, msgspec.ValidationError, ValueError) as exc:
+                    error = str(exc)
     if current is not None:
         yield current, state, error
 
