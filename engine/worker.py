@@ -13,7 +13,10 @@ A :class:`Worker` is a service with one anyio task group holding:
 * one **task per running job**, bounded by ``concurrency``, each inside its own
   cancel scope (whose deadline is the job's timeout). Job tasks are plain
   asyncio tasks, kept by one supervisor task of the group (see
-  :meth:`Worker._supervise`);
+  :meth:`Worker._supervise`). A job's slot is freed when its handler returns:
+  its outcome is then written by the completer while the next claim runs
+  (the job stays held until the write lands, and at most ``2 * concurrency``
+  jobs are held at once);
 * the **heartbeat**: updates the worker's row, learns which of its jobs were
   asked to cancel (the path that works without NOTIFY), and flushes coalesced
   progress;
@@ -84,7 +87,8 @@ class Worker:
 
     ``queues``: the queues to claim from (default: the queues of the registered
     operators). ``operators``: restrict to these operators. ``concurrency``:
-    handlers running at once. ``burst``: exit when no claimable job is left
+    handlers running at once (a job whose outcome is being written no longer
+    counts; at most twice as many jobs are held). ``burst``: exit when no claimable job is left
     (``limit``: after at most that many jobs). ``context``: only jobs whose
     context contains these key/values (burst filters).
     """
@@ -139,6 +143,7 @@ class Worker:
         self.claimed = 0
         self.failed_writes = 0
         self._supervising = False  # job tasks may be started (adoption checks it)
+        self._writing = 0  # held jobs whose handler returned, their outcome being written
         self._tasks: dict[asyncio.Task[None], Hold] = {}
         self._crash: BaseException | None = None
         self._crashed = anyio.Event()
@@ -222,7 +227,17 @@ class Worker:
         while not self._stopping.is_set():
             # At most half the slots per claim, so that one batch's handlers
             # and outcome writes overlap the next claim instead of alternating.
-            free = min(self.concurrency - len(self.holds), max(1, self.concurrency // 2))
+            # A slot is a running handler: a job whose handler returned frees
+            # its slot while the completer writes its outcome, as River's
+            # producer does, so the next claim overlaps those writes. Held
+            # jobs (running or being written) stay within twice the
+            # concurrency: a completer that falls behind holds claims back.
+            running = len(self.holds) - self._writing
+            free = min(
+                self.concurrency - running,
+                2 * self.concurrency - len(self.holds),
+                max(1, self.concurrency // 2),
+            )
             if self.limit is not None:
                 free = min(free, self.limit - self.claimed)
                 if free <= 0 and self.claimed >= self.limit:
@@ -329,6 +344,8 @@ class Worker:
 
     def _release(self, hold: Hold) -> None:
         """Forget a finished job and free its slot."""
+        if hold.finishing:
+            self._writing -= 1
         if self.holds.get(hold.state.id) is hold:
             del self.holds[hold.state.id]
             self.contexts.pop(hold.state.id, None)
@@ -349,6 +366,8 @@ class Worker:
             if outcome is None:
                 return
             hold.finishing = True
+            self._writing += 1
+            self._slot_freed.set()  # the handler's slot is free (see _claim_loop)
             # No cancel scope reaches here: the job's task is a root task that
             # nothing cancels once it is finishing (see _supervise), so the
             # write needs no shield, only its own deadline.
