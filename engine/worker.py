@@ -2,11 +2,10 @@
 
 A :class:`Worker` is a service with one anyio task group holding:
 
-* the **claim loop**: claims ready jobs in batches sized to its free slots,
-  at most half of ``concurrency`` per claim so that one batch's handlers and
-  outcome writes overlap the next claim (``SELECT ... FOR UPDATE SKIP
-  LOCKED`` on the ``jobs_ready`` index, then ``job.started`` appended for
-  each in the same transaction, computed by the reducer). It sleeps until a
+* the **claim loop**: claims ready jobs in batches sized to its free slots
+  (``SELECT ... FOR UPDATE SKIP LOCKED`` on the ``jobs_ready`` index, then
+  ``job.started`` appended for each in the same transaction, computed by the
+  reducer). It sleeps until a
   NOTIFY says its queues got work, the next scheduled job is due, or
   ``poll_interval`` passes (``listen=False`` on the ledger turns NOTIFY off,
   e.g. behind PgBouncer in transaction mode);
@@ -225,19 +224,14 @@ class Worker:
     async def _claim_loop(self) -> None:
         delay = 0.1
         while not self._stopping.is_set():
-            # At most half the slots per claim, so that one batch's handlers
-            # and outcome writes overlap the next claim instead of alternating.
             # A slot is a running handler: a job whose handler returned frees
             # its slot while the completer writes its outcome, as River's
-            # producer does, so the next claim overlaps those writes. Held
-            # jobs (running or being written) stay within twice the
-            # concurrency: a completer that falls behind holds claims back.
+            # producer does, so the next claim overlaps those writes and may
+            # take every free slot. Held jobs (running or being written) stay
+            # within twice the concurrency: a completer that falls behind
+            # holds claims back.
             running = len(self.holds) - self._writing
-            free = min(
-                self.concurrency - running,
-                2 * self.concurrency - len(self.holds),
-                max(1, self.concurrency // 2),
-            )
+            free = min(self.concurrency - running, 2 * self.concurrency - len(self.holds))
             if self.limit is not None:
                 free = min(free, self.limit - self.claimed)
                 if free <= 0 and self.claimed >= self.limit:
