@@ -458,7 +458,8 @@ class Worker:
         unheld: set[UUID] = set()
         while True:
             try:
-                rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, len(self.holds))
+                running = len(self.holds) - self._writing  # handlers, as concurrency counts
+                rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, running)
                 seen: set[UUID] = set()
                 for job_id, status in rows:
                     hold = self.holds.get(job_id)

@@ -304,9 +304,9 @@ async def test_a_cancelled_worker_abandons_its_jobs_promptly(ledger: JobLedger) 
     assert {(await ledger.get(j.id)).status for j in jobs} == {"failed"}  # one attempt each
 
 
-async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedger) -> None:
+async def test_an_outcome_write_past_its_deadline_lets_the_job_go(ledger: JobLedger) -> None:
     """A final write that cannot land within final_write_timeout is reported and
-    its slot freed; the completer keeps the write and lands it later."""
+    the job let go; the completer keeps the write and lands it later."""
     gate["slow write"] = anyio.Event()
     job = await ledger.submit("gated", label="slow write")
     with capture_logs() as logs:
@@ -317,7 +317,7 @@ async def test_an_outcome_write_past_its_deadline_frees_the_slot(ledger: JobLedg
                     "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
                 )
                 gate["slow write"].set()  # the handler returns; its write waits on our lock
-                # the write overruns and its slot is freed
+                # the write overruns and the job is let go
                 await until(lambda: worker.failed_writes and not worker.holds, timeout=5)
                 assert (await ledger.get(job.id)).status == "running"
             # the lock is gone: the completer lands the write it kept
