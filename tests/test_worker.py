@@ -371,6 +371,7 @@ async def test_a_returned_handler_frees_its_slot_while_its_outcome_is_written(
             await lock.rollback()
             gate["c"].set()
             await until(lambda: worker.claimed == 3 and not worker.holds, 10)
+            assert worker._writing == 0
     finally:
         await blocker.close()
     for job in (a, b, c):
