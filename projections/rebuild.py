@@ -107,8 +107,9 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
     something depends on ``jobs`` (a view, say) so that it cannot be dropped,
     or the swap deadlocks with a transaction that read ``jobs`` and then
     tried to write it, the rows are replaced from ``jobs_rebuild`` instead.
-    Python's cyclic garbage collector is paused while the log is folded.
-    Returns the events folded.
+    Python's cyclic garbage collector is paused while the log is folded, and
+    the connection moves timestamps as integers (see
+    :func:`_timestamps_as_integers`). Returns the events folded.
     """
     async with pool.acquire() as conn, _timestamps_as_integers(conn), conn.transaction():
         await conn.execute(Q.lock_jobs_for_rebuild)
