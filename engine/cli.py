@@ -690,7 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker for --app's operators")
     p.add_argument("--queues", type=csv_list, help="queues to claim from (default: the operators')")
     p.add_argument("--operator", type=csv_list, help="only these operators")
-    p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=10,
+        help="handlers running at once (a returned handler's outcome is written in the "
+        "background; at most twice as many jobs are held)",
+    )
     p.add_argument("--burst", action="store_true", help="exit when no claimable job is left")
     p.add_argument("--limit", type=int, help="with --burst: run at most N jobs")
     p.add_argument("--context", type=key_value, action="append", metavar="KEY=VALUE")
