@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from engine.sqlfiles import Q
-from projections.codec import recorded_from_row
-from projections.job_state import JOB_FIELDS, Job, apply
+from projections.job_state import JOB_FIELDS
+from projections.replay import fold_log
 from projections.runner import Projection
 
 Progress = Callable[[int, int], None]  # (events done, events total)
@@ -117,30 +117,21 @@ async def rebuild_jobs(pool: Any, *, progress: Progress | None = None) -> int:
         total = await _event_count(conn)
         await conn.execute(Q.jobs_rebuild_create)
         done = 0
-        # The log is fetched a batch at a time and each batch folded in one
-        # synchronous loop (an async iterator per event cost ~15% of the
-        # fold); a stream may continue into the next batch, so the job being
-        # folded is carried over. The cursor and the COPY share the
-        # connection: the finished rows wait in `rows` for their COPY.
+        # The cursor and the COPY share the connection: the folded rows wait
+        # in `rows` for their COPY between batches.
         rows: list[tuple[Any, ...]] = []
-        state: Job | None = None
-        current = None
         with _collector_paused():
-            cursor = await conn.cursor(Q.stream_all_events)
-            while batch := await cursor.fetch(_FETCH):
-                for row in batch:
-                    if row["job_id"] != current:
-                        if state is not None:
-                            rows.append(_row(state))
-                        current, state = row["job_id"], None
-                    state = apply(state, recorded_from_row(row))
-                done += len(batch)
-                if len(rows) >= _COPY_ROWS:
-                    await _copy(conn, rows)
-                if progress:
-                    progress(done, total)
-            if state is not None:
-                rows.append(_row(state))
+            async with contextlib.aclosing(fold_log(conn, _FETCH)) as batches:
+                async for events, finished in batches:
+                    for _, state, error in finished:
+                        if error is not None:
+                            raise error
+                        rows.append(_row(state))
+                    done += events
+                    if len(rows) >= _COPY_ROWS:
+                        await _copy(conn, rows)
+                    if progress and events:
+                        progress(done, total)
             await _copy(conn, rows)
         if progress:
             progress(done, total)

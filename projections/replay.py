@@ -60,30 +60,52 @@ class Difference(msgspec.Struct, frozen=True):
         return f"{self.projection} {self.key}: {self.problem}" + (f" ({detail})" if detail else "")
 
 
-async def replay_all(conn: Any) -> AsyncIterator[tuple[UUID, Job | None, str | None]]:
-    """Fold every stream; yield ``(job_id, state, error)`` per job, in job id order.
+Folded = tuple[UUID, Job | None, Exception | None]
+"""A stream folded: the job's id, its state, and the error that stopped its replay."""
 
-    Must run inside a transaction on ``conn`` (it reads through a cursor).
+
+async def fold_log(conn: Any, batch_size: int = BATCH) -> AsyncIterator[tuple[int, list[Folded]]]:
+    """Fold every stream of the log through the reducer, a fetched batch at a time.
+
+    Yields, per batch, how many events it read and the streams it finished, in
+    job id order (a stream may continue into the next batch; the last one comes
+    with a count of 0). A stream whose events do not apply keeps the error and
+    is not folded further. Each batch is folded in one synchronous loop (an
+    async step per event cost ~9% of a rebuild's time). Must run inside a transaction
+    on ``conn`` (it reads through a cursor); the caller may use ``conn`` between
+    batches. Verify and the ``jobs`` rebuild both fold the log here.
     """
     from engine.sqlfiles import Q
 
     current: UUID | None = None
     state: Job | None = None
-    error: str | None = None
+    error: Exception | None = None
     cursor = await conn.cursor(Q.stream_all_events)
-    while batch := await cursor.fetch(BATCH):  # a batch per round trip, folded in one loop
+    while batch := await cursor.fetch(batch_size):
+        finished: list[Folded] = []
         for row in batch:
             if row["job_id"] != current:
                 if current is not None:
-                    yield current, state, error
+                    finished.append((current, state, error))
                 current, state, error = row["job_id"], None, None
             if error is None:
                 try:
                     state = apply(state, recorded_from_row(row))
                 except (NotApplicable, msgspec.ValidationError, ValueError) as exc:
-                    error = str(exc)
+                    error = exc
+        yield len(batch), finished
     if current is not None:
-        yield current, state, error
+        yield 0, [(current, state, error)]
+
+
+async def replay_all(conn: Any) -> AsyncIterator[tuple[UUID, Job | None, str | None]]:
+    """Fold every stream; yield ``(job_id, state, error)`` per job, in job id order.
+
+    Must run inside a transaction on ``conn`` (it reads through a cursor).
+    """
+    async for _, finished in fold_log(conn):
+        for job_id, state, error in finished:
+            yield job_id, state, None if error is None else str(error)
 
 
 async def verify_jobs(pool: Any, *, limit: int = 1000) -> list[Difference]:
