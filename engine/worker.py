@@ -152,6 +152,12 @@ class Worker:
         self._slot_freed = anyio.Event()
         self.log = log.bind(worker=self.id)
 
+    @property
+    def running(self) -> int:
+        """Handlers running now: what ``concurrency`` bounds (held jobs whose
+        outcome is being written are not counted)."""
+        return len(self.holds) - self._writing
+
     # -- lifecycle -----------------------------------------------------------
 
     def stop(self) -> None:
@@ -234,8 +240,7 @@ class Worker:
             # take every free slot. Held jobs (running or being written) stay
             # within twice the concurrency: a completer that falls behind
             # holds claims back.
-            running = len(self.holds) - self._writing
-            free = min(self.concurrency - running, 2 * self.concurrency - len(self.holds))
+            free = min(self.concurrency - self.running, 2 * self.concurrency - len(self.holds))
             if self.limit is not None:
                 free = min(free, self.limit - self.claimed)
                 if free <= 0 and self.claimed >= self.limit:
@@ -458,8 +463,7 @@ class Worker:
         unheld: set[UUID] = set()
         while True:
             try:
-                running = len(self.holds) - self._writing  # handlers, as concurrency counts
-                rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, running)
+                rows = await self.ledger.pool.fetch(Q.heartbeat, self.id, self.running)
                 seen: set[UUID] = set()
                 for job_id, status in rows:
                     hold = self.holds.get(job_id)
