@@ -20,6 +20,7 @@ from projections.runner import ProjectionRunner, catch_up, step
 from tests.operators import register_basic
 
 register_operators = register_basic
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # PostgreSQL's timestamp zero
 
 
 async def read_all(conn, after: Checkpoint = Checkpoint()) -> list[ev.Recorded]:
@@ -231,9 +232,6 @@ async def test_a_jobs_rebuild_gives_its_connection_back_with_asyncpgs_codecs(
         value = await conn.fetchval("SELECT 'infinity'::timestamptz")
         assert value == datetime.max  # asyncpg's own decoder again
         assert await conn.fetchval("SELECT $1::timestamptz = '2000-01-01Z'", _EPOCH) is True
-
-
-_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def test_the_rebuilds_timestamp_codec_matches_asyncpgs() -> None:
