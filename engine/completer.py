@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class Hold:
     cancel_reason: str | None = None  # "requested", "shutdown" or "lost"
     started: float = field(default_factory=time.monotonic)
     finishing: bool = False  # the handler is done; the outcome is being written
+    write_deadline: float = math.inf  # loop time by which the outcome must be written
+    write_overdue: bool = False  # the write missed it and was let go (Worker._watch_writes)
 
     def __post_init__(self) -> None:
         self.run = self.state.run
