@@ -38,7 +38,8 @@ Shutdown is two-phase: :meth:`Worker.stop` stops claiming and lets running
 handlers finish for ``shutdown_grace`` seconds; then they are cancelled and
 recorded as interrupted (``job.failed``, error type ``interrupted``, requeued
 at once). Nothing cancels a job's final writes; they have their own timeout
-(``final_write_timeout``), after which the slot is freed and the overrun
+(``final_write_timeout``, checked by one timer for all of them every tenth
+of it, at most every second), after which the slot is freed and the overrun
 logged (``job_outcome_write_timed_out``) while the completer keeps the write.
 Cancelling the task that runs the worker (rather than :meth:`Worker.stop`)
 cancels running handlers at once and records nothing for them: the rescuer
