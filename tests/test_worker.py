@@ -327,6 +327,28 @@ async def test_an_outcome_write_past_its_deadline_lets_the_job_go(ledger: JobLed
     assert timed_out == [str(job.id)]
 
 
+async def test_an_outcome_write_within_its_deadline_is_left_alone(ledger: JobLedger) -> None:
+    """The one timer that times out outcome writes checks every tenth of the
+    timeout: a write held up for several of its checks, but landing within its
+    deadline, is not let go; and the timer is gone once the worker stops."""
+    gate["held write"] = anyio.Event()
+    job = await ledger.submit("gated", label="held write")
+    with capture_logs() as logs:
+        async with running(ledger, final_write_timeout=2.0) as worker:
+            await ledger.wait(job.id, until="running", timeout=5)
+            async with ledger.pool.acquire() as blocker, blocker.transaction():
+                await blocker.execute(
+                    "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
+                )
+                gate["held write"].set()  # the handler returns; its write waits on our lock
+                await anyio.sleep(0.5)  # two checks of the timer go by
+            done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
+            assert worker.holds == {}
+    assert done.result == worker.id and worker.failed_writes == 0
+    assert not [e for e in logs if e["event"] == "job_outcome_write_timed_out"]
+    assert worker._write_watch is None
+
+
 async def test_a_job_task_that_raises_fails_the_worker(ledger: JobLedger) -> None:
     """_run_job records every failure of a job; an exception that escapes it
     anyway is a bug, and the worker fails loudly instead of losing it."""
