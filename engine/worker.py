@@ -114,6 +114,8 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if not final_write_timeout > 0:
+            raise ValueError(f"final_write_timeout must be positive, got {final_write_timeout}")
         registry = ledger.registry
         names = list(operators) if operators is not None else list(registry)
         unknown = [n for n in names if n not in registry]
@@ -414,14 +416,14 @@ class Worker:
             ctx.logger.error("job_outcome_not_recorded", worker=self.id, error=repr(exc))
 
     def _arm_write_watch(self) -> None:
-        period = min(1.0, self.final_write_timeout / 10)
+        period = min(1.0, max(0.005, self.final_write_timeout / 10))
         self._write_watch = asyncio.get_running_loop().call_later(period, self._watch_writes)
 
     def _watch_writes(self) -> None:
         """Cancel the outcome writes past their deadline; re-arm while any remain.
 
         One timer, checking every tenth of ``final_write_timeout`` (at most a
-        second), times out every job's outcome write: a timeout context per
+        second, at least 5 ms), times out every job's outcome write: a timeout context per
         job cost ~3 us, about 6% of a no-op job's worker CPU. A write is let go
         between its deadline and a tenth of the timeout later.
         """

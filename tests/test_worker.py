@@ -349,6 +349,22 @@ async def test_an_outcome_write_within_its_deadline_is_left_alone(ledger: JobLed
     assert worker._write_watch is None
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be at least 1, got 0"),
+        ({"final_write_timeout": 0}, "final_write_timeout must be positive, got 0"),
+        ({"final_write_timeout": -1.5}, "final_write_timeout must be positive, got -1.5"),
+        ({"operators": ["nope"]}, "operators not registered in this process: nope"),
+    ],
+)
+async def test_bad_worker_options_are_refused_by_name(
+    ledger: JobLedger, options: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Worker(ledger, **options)
+
+
 async def test_a_job_task_that_raises_fails_the_worker(ledger: JobLedger) -> None:
     """_run_job records every failure of a job; an exception that escapes it
     anyway is a bug, and the worker fails loudly instead of losing it."""
