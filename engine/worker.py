@@ -114,8 +114,25 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        if not final_write_timeout > 0:
-            raise ValueError(f"final_write_timeout must be positive, got {final_write_timeout}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        positive = [
+            ("poll_interval", poll_interval),
+            ("heartbeat_interval", heartbeat_interval),
+            ("rescue_after", rescue_after),
+            ("final_write_timeout", final_write_timeout),
+        ]
+        if rescue_interval is not None:
+            positive.append(("rescue_interval", rescue_interval))
+        for name, value in positive:
+            if not value > 0:  # NaN too
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name, value in (
+            ("shutdown_grace", shutdown_grace),
+            ("progress_interval", progress_interval),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be zero or more, got {value}")
         registry = ledger.registry
         names = list(operators) if operators is not None else list(registry)
         unknown = [n for n in names if n not in registry]

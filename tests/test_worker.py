@@ -356,6 +356,13 @@ async def test_an_outcome_write_within_its_deadline_is_left_alone(ledger: JobLed
         ({"final_write_timeout": 0}, "final_write_timeout must be positive, got 0"),
         ({"final_write_timeout": -1.5}, "final_write_timeout must be positive, got -1.5"),
         ({"operators": ["nope"]}, "operators not registered in this process: nope"),
+        ({"limit": 0}, "limit must be at least 1, got 0"),
+        ({"poll_interval": 0}, "poll_interval must be positive, got 0"),
+        ({"heartbeat_interval": float("nan")}, "heartbeat_interval must be positive, got nan"),
+        ({"rescue_after": -1}, "rescue_after must be positive, got -1"),
+        ({"rescue_interval": 0}, "rescue_interval must be positive, got 0"),
+        ({"shutdown_grace": -0.5}, "shutdown_grace must be zero or more, got -0.5"),
+        ({"progress_interval": -1}, "progress_interval must be zero or more, got -1"),
     ],
 )
 async def test_bad_worker_options_are_refused_by_name(
