@@ -91,6 +91,15 @@ class Worker:
     counts; at most twice as many jobs are held). ``burst``: exit when no claimable job is left
     (``limit``: after at most that many jobs). ``context``: only jobs whose
     context contains these key/values (burst filters).
+
+    Times are in seconds: ``poll_interval`` (between claims when nothing is
+    ready and no notification comes), ``heartbeat_interval``, ``rescue_after``
+    (a worker silent this long is dead; ``rescue_interval`` between rescue
+    passes, by default the larger of ``heartbeat_interval`` and a quarter of
+    ``rescue_after``), ``final_write_timeout`` (an outcome write
+    that takes longer is let go) must be positive; ``shutdown_grace`` and
+    ``progress_interval`` (progress reports coalesced over it) zero or more.
+    A value out of range raises ``ValueError`` naming it.
     """
 
     def __init__(
