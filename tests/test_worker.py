@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from engine import Cancel, JobContext, JobLedger, RetryAfter, Worker
 from engine.postgres import connect
 from engine.rescuer import rescue
+from projections.job_state import Job
 
 FAST = {"heartbeat_interval": 0.1, "poll_interval": 0.2, "progress_interval": 0.05}
 
@@ -304,19 +305,35 @@ async def test_a_cancelled_worker_abandons_its_jobs_promptly(ledger: JobLedger) 
     assert {(await ledger.get(j.id)).status for j in jobs} == {"failed"}  # one attempt each
 
 
+@asynccontextmanager
+async def gated_job_running(ledger: JobLedger, label: str, **options):
+    """A worker (with ``options``) running one ``gated`` job, until the block exits."""
+    gate[label] = anyio.Event()
+    job = await ledger.submit("gated", label=label)
+    async with running(ledger, **options) as worker:
+        await ledger.wait(job.id, until="running", timeout=5)
+        yield worker, job
+
+
+@asynccontextmanager
+async def outcome_write_held(ledger: JobLedger, job: Job):
+    """Let a running ``gated`` job's handler return while its outcome write
+    waits on a lock of the job's row, held until the block exits."""
+    async with ledger.pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id)
+        gate[job.label].set()
+        yield
+
+
 async def test_an_outcome_write_past_its_deadline_lets_the_job_go(ledger: JobLedger) -> None:
     """A final write that cannot land within final_write_timeout is reported and
     the job let go; the completer keeps the write and lands it later."""
-    gate["slow write"] = anyio.Event()
-    job = await ledger.submit("gated", label="slow write")
     with capture_logs() as logs:
-        async with running(ledger, final_write_timeout=0.3) as worker:
-            await ledger.wait(job.id, until="running", timeout=5)
-            async with ledger.pool.acquire() as blocker, blocker.transaction():
-                await blocker.execute(
-                    "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
-                )
-                gate["slow write"].set()  # the handler returns; its write waits on our lock
+        async with gated_job_running(ledger, "slow write", final_write_timeout=0.3) as (
+            worker,
+            job,
+        ):
+            async with outcome_write_held(ledger, job):
                 # the write overruns and the job is let go
                 await until(lambda: worker.failed_writes and not worker.holds, timeout=5)
                 assert (await ledger.get(job.id)).status == "running"
@@ -331,16 +348,12 @@ async def test_an_outcome_write_within_its_deadline_is_left_alone(ledger: JobLed
     """The one timer that times out outcome writes checks every tenth of the
     timeout: a write held up for several of its checks, but landing within its
     deadline, is not let go; and the timer is gone once the worker stops."""
-    gate["held write"] = anyio.Event()
-    job = await ledger.submit("gated", label="held write")
     with capture_logs() as logs:
-        async with running(ledger, final_write_timeout=2.0) as worker:
-            await ledger.wait(job.id, until="running", timeout=5)
-            async with ledger.pool.acquire() as blocker, blocker.transaction():
-                await blocker.execute(
-                    "SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", job.id
-                )
-                gate["held write"].set()  # the handler returns; its write waits on our lock
+        async with gated_job_running(ledger, "held write", final_write_timeout=2.0) as (
+            worker,
+            job,
+        ):
+            async with outcome_write_held(ledger, job):
                 await anyio.sleep(0.5)  # two checks of the timer go by
             done = await ledger.wait(job.id, timeout=10, raise_for_status=True)
             assert worker.holds == {}
