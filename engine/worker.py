@@ -449,9 +449,9 @@ class Worker:
         """Cancel the outcome writes past their deadline; re-arm while any remain.
 
         One timer, checking every tenth of ``final_write_timeout`` (at most a
-        second, at least 5 ms), times out every job's outcome write: a timeout context per
-        job cost ~3 us, about 6% of a no-op job's worker CPU. A write is let go
-        between its deadline and a tenth of the timeout later.
+        second, at least 5 ms), times out every job's outcome write: a timeout
+        context per job cost ~3 us, about 6% of a no-op job's worker CPU. A
+        write is let go between its deadline and one check later.
         """
         self._write_watch = None
         now = asyncio.get_running_loop().time()
