@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -21,14 +24,26 @@ def quiet() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
+@functools.cache
+def _embedded_admin_dsn() -> str:
+    """The one embedded server of this benchmark process, so that every system
+    runs on the same server as with ``BENCH_DSN``. It lives in ``BENCH_HOME``
+    (kept), else in a temporary directory removed at exit."""
+    home = os.environ.get("BENCH_HOME")
+    if not home:
+        home = tempfile.mkdtemp(prefix="jlbench-")
+        # Registered before the server starts, so it runs after the server's
+        # own exit handler has stopped it (atexit runs last-in, first-out).
+        atexit.register(shutil.rmtree, home, True)
+    return urlsplit(embedded_dsn(home))._replace(path="/postgres").geturl()
+
+
 @contextlib.asynccontextmanager
 async def bench_database(label: str, *, migrated: bool = True) -> AsyncIterator[str]:
     """A fresh database for one benchmark (with jobledger's schema unless
-    ``migrated=False``, for the peers); dropped afterwards."""
-    admin_dsn = os.environ.get("BENCH_DSN")
-    if not admin_dsn:
-        home = os.environ.get("BENCH_HOME") or tempfile.mkdtemp(prefix="jlbench-")
-        admin_dsn = urlsplit(embedded_dsn(home))._replace(path="/postgres").geturl()
+    ``migrated=False``, for the peers) on ``BENCH_DSN``'s server, else on the
+    embedded one; dropped afterwards."""
+    admin_dsn = os.environ.get("BENCH_DSN") or _embedded_admin_dsn()
     name = f"bench_{label}_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
