@@ -10,7 +10,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine import Cancel, JobContext, JobLedger, RetryAfter, Worker
-from engine.postgres import connect
 from engine.rescuer import rescue
 from projections.job_state import Job
 
@@ -402,22 +401,17 @@ async def test_a_job_task_that_raises_fails_the_worker(ledger: JobLedger) -> Non
 
 
 async def test_a_returned_handler_frees_its_slot_while_its_outcome_is_written(
-    ledger: JobLedger, db: str
+    ledger: JobLedger,
 ) -> None:
     """Concurrency 1: the next job starts while the first one's outcome write waits
     (here on a row lock); with two outcomes waiting, no third job is claimed."""
     for label in ("a", "b", "c"):
         gate[label] = anyio.Event()
     a = await ledger.submit("gated", label="a")
-    blocker = await connect(db)
-    try:
-        async with running(ledger, concurrency=1) as worker:
-            await until(lambda: a.id in worker.holds, 5)
-            lock = blocker.transaction()
-            await lock.start()
-            await blocker.execute("SELECT 1 FROM jobledger.jobs WHERE id = $1 FOR UPDATE", a.id)
+    async with running(ledger, concurrency=1) as worker:
+        await until(lambda: a.id in worker.holds, 5)
+        async with outcome_write_held(ledger, a):
             b = await ledger.submit("gated", label="b")
-            gate["a"].set()
             await until(lambda: b.id in worker.holds, 5)
             assert (await ledger.get(a.id)).status == "running"  # its outcome still waits
             c = await ledger.submit("gated", label="c")
@@ -426,11 +420,8 @@ async def test_a_returned_handler_frees_its_slot_while_its_outcome_is_written(
             await anyio.sleep(0.5)  # room for a claim, were one allowed
             assert c.id not in worker.holds
             assert (await ledger.get(c.id)).status == "queued"
-            await lock.rollback()
-            gate["c"].set()
-            await until(lambda: worker.claimed == 3 and not worker.holds, 10)
-            assert worker._writing == 0
-    finally:
-        await blocker.close()
+        gate["c"].set()
+        await until(lambda: worker.claimed == 3 and not worker.holds, 10)
+        assert worker._writing == 0
     for job in (a, b, c):
         assert (await ledger.get(job.id)).status == "completed"
