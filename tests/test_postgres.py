@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -63,6 +64,33 @@ async def test_startup_statements_survive_a_dropped_connection(db: str) -> None:
         assert kills > 0
         assert [o.name for o in await admin.operators()] == ["noop"]
         assert len(await admin.pool.fetch("SELECT 1 FROM jobledger.workers")) == 1
+
+
+def _with_query(dsn: str, extra: str) -> str:
+    parts = urlsplit(dsn)
+    return parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra).geturl()
+
+
+async def test_the_dsn_sets_durability_for_every_connection(db: str) -> None:
+    """The README's lower-durability opt-in is a server setting in the DSN:
+    jobledger's own connection settings must pass it through, not replace it."""
+    async with JobLedger(db) as default:
+        assert await default.pool.fetchval("SHOW synchronous_commit") == "on"
+    relaxed = JobLedger(_with_query(db, "synchronous_commit=off"), min_connections=2)
+    seen: list[str] = []
+
+    @relaxed.operator("noop")
+    async def noop(ctx: object) -> None:
+        seen.append(await relaxed.pool.fetchval("SHOW synchronous_commit"))
+
+    async with relaxed:
+        async with relaxed.pool.acquire() as a, relaxed.pool.acquire() as b:
+            assert [await c.fetchval("SHOW synchronous_commit") for c in (a, b)] == ["off"] * 2
+        assert await relaxed.pool.fetchval("SHOW application_name") == "jobledger"
+        job = await relaxed.submit("noop")
+        await Worker(relaxed, burst=True).run()
+        assert (await relaxed.get(job.id)).status == "completed"
+    assert seen == ["off"]
 
 
 async def test_retry_dropped_gives_up_after_its_window() -> None:
