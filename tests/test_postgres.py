@@ -1,4 +1,5 @@
-"""Server resolution and the errors a user sees when the server is not there."""
+"""Server resolution, the settings of jobledger's connections, and the errors a user sees
+when the server is not there."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import socket
 from urllib.parse import urlsplit
 
 import anyio
+import asyncpg
 import pytest
 
 from engine import DatabaseUnavailable, JobLedger, Worker
@@ -74,8 +76,13 @@ def _with_query(dsn: str, extra: str) -> str:
 async def test_the_dsn_sets_durability_for_every_connection(db: str) -> None:
     """The README's lower-durability opt-in is a server setting in the DSN:
     jobledger's own connection settings must pass it through, not replace it."""
+    plain = await asyncpg.connect(db)
+    try:
+        server_default = await plain.fetchval("SHOW synchronous_commit")
+    finally:
+        await plain.close()
     async with JobLedger(db) as default:
-        assert await default.pool.fetchval("SHOW synchronous_commit") == "on"
+        assert await default.pool.fetchval("SHOW synchronous_commit") == server_default
     relaxed = JobLedger(_with_query(db, "synchronous_commit=off"), min_connections=2)
     seen: list[str] = []
 
