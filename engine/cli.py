@@ -879,10 +879,37 @@ async def _replay_file(args: argparse.Namespace) -> int:
     return await _replay(events, args, render.console())
 
 
+# Options whose value may start with "-": argparse would read ``--order
+# -created_at`` as a second option and fail with "expected one argument".
+DASH_VALUED = ("--order",)
+
+
+def attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """Join ``--order -field`` into ``--order=-field``, the one spelling argparse accepts.
+
+    Only a value with one leading dash is joined: ``--order --json`` is still
+    an ``--order`` without its value.
+    """
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in DASH_VALUED:
+            value = next(it, None)
+            if value is None:
+                out.append(arg)
+            elif value.startswith("-") and not value.startswith("--"):
+                out.append(f"{arg}={value}")
+            else:
+                out.extend((arg, value))
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jobledger`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_dash_values(sys.argv[1:] if argv is None else argv))
     default_level = "info" if args.command == "worker" else "warning"
     try:
         configure_logging(

@@ -71,6 +71,24 @@ async def test_submit_ls_show_and_transitions(ledger: JobLedger, db: str) -> Non
     assert code == 0 and "deleted 1 jobs" in out
 
 
+async def test_ls_orders_by_a_descending_field_written_as_its_own_argument(
+    ledger: JobLedger, db: str
+) -> None:
+    """``--order -field`` works as the help writes it, not only as ``--order=-field``."""
+    await ledger.submit("noop", label="b")
+    await ledger.submit("noop", label="a")  # newer: first in the default order
+    for args in (
+        ("--order", "-label"),
+        ("--order=-label",),
+        ("--order", "status", "--order", "-label"),
+    ):
+        code, out, err = await cli(db, "ls", *args, "--json")
+        assert code == 0, err
+        assert [j["label"] for j in json.loads(out)["jobs"]] == ["b", "a"], args
+    code, _, err = await cli(db, "ls", "--order", "--json")
+    assert code == 2 and "expected one argument" in err
+
+
 async def test_errors_are_one_line_with_exit_codes(ledger: JobLedger, db: str) -> None:
     job = await ledger.submit("noop")
     cases = [
