@@ -354,15 +354,16 @@ async def cmd_operators(ledger: JobLedger, args: argparse.Namespace, console: Co
 @command("wait")
 async def cmd_wait(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
     """Wait for a job to finish, with a progress bar fed by its progress events."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
 
     job = await ledger.get(args.job)
     bar = Progress(
-        TextColumn("{task.description}"),
+        render.data_column("task.description"),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[status]} [dim]{task.fields[note]}"),
+        render.StatusColumn(),
+        render.data_column("task.fields[note]", style="dim"),
         console=console,
         transient=False,
     )
@@ -550,9 +551,7 @@ async def _replay(events: list[Any], args: argparse.Namespace, console: Console)
         console.print(render.timeline(rows))
     if prev is not None:
         title = f"state at {args.at}" if at is not None else "state reached"
-        console.print(
-            render.job_card(prev).__class__(render.job_card(prev).renderable, title=title)
-        )
+        console.print(render.job_card(prev, title=title))
     return 0
 
 

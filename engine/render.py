@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from rich.console import Console, Group
 from rich.panel import Panel
+from rich.progress import ProgressColumn, Task, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +25,12 @@ STATUS_STYLE = {
     "failed": "red",
     "cancelled": "dim",
 }
+
+
+def _add(table: Table, *cells: Any) -> None:
+    """Add a row whose text cells are shown as written: a ``str`` cell would be
+    read as rich markup by a console that has it on (a label ``[draft]``)."""
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
 
 
 def status_text(status: str) -> Text:
@@ -60,7 +67,8 @@ def jobs_table(jobs: Sequence[Job], *, title: str | None = None) -> Table:
         table.add_column(col, no_wrap=col in ("id", "created", "updated"))
     for j in jobs:
         frac = j.progress.fraction if j.progress else None
-        table.add_row(
+        _add(
+            table,
             str(j.id),
             j.label + (" 📌" if j.pinned else ""),
             j.operator,
@@ -84,15 +92,15 @@ def job_card(job: Job, *, title: str | None = None) -> Panel:
         if value is None or value == [] or value == {}:
             continue
         if name == "status":
-            grid.add_row(name, status_text(value))
+            _add(grid, name, status_text(value))
         elif isinstance(value, datetime):
-            grid.add_row(name, when(value))
+            _add(grid, name, when(value))
         elif isinstance(value, str | int | float | bool) or name == "id":
-            grid.add_row(name, str(value))
+            _add(grid, name, str(value))
         else:
-            grid.add_row(name, short(msgspec.to_builtins(value), 100))
+            _add(grid, name, short(msgspec.to_builtins(value), 100))
     heading = f"{job.label} · {job.id}" + (f" · {title}" if title else "")
-    return Panel(grid, title=heading, title_align="left")
+    return Panel(grid, title=Text(heading), title_align="left")  # a str title is markup
 
 
 QUIET_FIELDS = frozenset(
@@ -102,9 +110,29 @@ QUIET_FIELDS = frozenset(
 
 
 def console() -> Console:
-    """A console: the terminal's width, or a wide one when output is piped."""
-    c = Console()
-    return c if c.is_terminal else Console(width=200)
+    """A console: the terminal's width, or a wide one when output is piped.
+
+    Markup is off: labels, reasons, messages and errors are the users' own
+    text and are shown as written, brackets included (``Import [draft]``
+    would otherwise lose a word, and ``[/x]`` stop the command). Styles are
+    given as ``Text`` and ``style=``, never as markup in a string.
+    """
+    c = Console(markup=False)
+    return c if c.is_terminal else Console(markup=False, width=200)
+
+
+class StatusColumn(ProgressColumn):
+    """A progress bar column: the task's ``status`` field, coloured as in every table."""
+
+    def render(self, task: Task) -> Text:
+        """The status of ``task`` (its ``status`` field)."""
+        return status_text(str(task.fields.get("status", "")))
+
+
+def data_column(field: str, *, style: str = "none") -> TextColumn:
+    """A progress bar column showing ``{field}`` of a task (a job's label, status
+    or progress message) as plain text: rich reads a column's format as markup."""
+    return TextColumn("{" + field + "}", style=style, markup=False)
 
 
 def timeline(steps: Iterable[tuple[Recorded, dict[str, tuple[Any, Any]]]]) -> Table:
@@ -125,12 +153,14 @@ def timeline(steps: Iterable[tuple[Recorded, dict[str, tuple[Any, Any]]]]) -> Ta
                     parts.append(f"progress: {progress_text(b)}")
                 else:
                     parts.append(f"{k}: {short(_plain(a), 20)} → {short(_plain(b), 30)}")
-            changed = ", ".join(parts)
+            # An event can leave every field as it was (a second pin, an
+            # artifact published again as it was): say so, not an empty cell.
+            changed = ", ".join(parts) or Text("(no field changed)", style="dim")
         who = rec.meta.actor or rec.meta.worker or "-"
         why = " ".join(x for x in (rec.meta.reason, rec.meta.message) if x) or "-"
         if rec.meta.forced:
             why = f"[FORCED] {why}"
-        table.add_row(str(rec.version), when(rec.recorded_at), rec.type, who, why, changed)
+        _add(table, str(rec.version), when(rec.recorded_at), rec.type, who, why, changed)
     return table
 
 
@@ -164,7 +194,8 @@ def workers_table(rows: Sequence[Any]) -> Table:
     for r in rows:
         silent = r["silent_for"].total_seconds()
         state = "stopped" if r["stopped_at"] else ("alive" if silent < 30 else "silent")
-        table.add_row(
+        _add(
+            table,
             r["id"],
             ",".join(r["queues"]),
             str(r["concurrency"]),
@@ -188,7 +219,8 @@ def operators_table(ops: Sequence[Any]) -> Table:
         props = schema.get("$defs", {}).get(ref, schema).get("properties")
         if props:
             fields = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in props.items())
-        table.add_row(
+        _add(
+            table,
             o.name,
             o.queue,
             str(o.max_attempts),
@@ -219,7 +251,8 @@ def report_table(rows: Sequence[Any], *, by: str) -> Table:
     for col in cols:
         table.add_column(col, justify="left" if col in ("bucket", by) else "right")
     for r in rows:
-        table.add_row(
+        _add(
+            table,
             when(r.bucket)[:16],
             r.key,
             *(
@@ -263,7 +296,7 @@ def report_chart(rows: Sequence[Any], width: int = 50) -> Table:
     for bucket, (ok, bad) in sorted(per.items()):
         bar = Text("█" * round(ok / top * width), style="green")
         bar.append("█" * round(bad / top * width), style="red")
-        chart.add_row(when(bucket)[:16], bar, f"{ok} ok, {bad} failed")
+        _add(chart, when(bucket)[:16], bar, f"{ok} ok, {bad} failed")
     return chart
 
 
@@ -280,7 +313,8 @@ def projections_table(rows: Sequence[dict[str, Any]]) -> Table:
     ):
         table.add_column(col)
     for r in rows:
-        table.add_row(
+        _add(
+            table,
             r["name"],
             r["kind"],
             r["checkpoint"],
@@ -300,7 +334,8 @@ def audit_table(rows: Sequence[tuple[Recorded, str | None, str | None]]) -> Tabl
         why = " ".join(x for x in (rec.meta.reason, rec.meta.message) if x) or "-"
         if rec.meta.forced:
             why = f"[FORCED] {why}"
-        table.add_row(
+        _add(
+            table,
             when(rec.recorded_at),
             f"{label or '?'} {rec.job_id}",
             operator or "-",

@@ -11,11 +11,12 @@ import uuid
 import anyio
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn
 from rich.rule import Rule
+from rich.text import Text
 
 from engine import Job, JobLedger
-from engine.render import status_text, timeline
+from engine.render import StatusColumn, data_column, status_text, timeline
 from engine.worker import Worker
 from examples.demo_app import ledger as demo_ledger
 from projections.history import steps
@@ -75,13 +76,17 @@ async def run_demo(console: Console, ledger: JobLedger = demo_ledger) -> int:
         console.print(f"submitted {len(jobs)} jobs; watching them run…")
         reran = cancelled = False
         progress = Progress(
-            TextColumn("{task.description:<26}"),
+            data_column("task.description:<26"),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[status]}"),
-            TextColumn("[dim]{task.fields[note]}"),
+            StatusColumn(),
+            data_column("task.fields[attempt]"),
+            data_column("task.fields[note]", style="dim"),
         )
-        bars = {j.id: progress.add_task(j.label, total=1.0, status="", note="") for j in jobs}
+        bars = {
+            j.id: progress.add_task(j.label, total=1.0, status="", attempt="", note="")
+            for j in jobs
+        }
         with Live(Group(progress), console=console, refresh_per_second=10, transient=False):
             with anyio.fail_after(50):
                 while True:
@@ -100,6 +105,8 @@ async def run_demo(console: Console, ledger: JobLedger = demo_ledger) -> int:
                         break
                     await anyio.sleep(0.1)
         worker.stop()
+    if not console.is_terminal:
+        console.line()  # piped, the live display's last line ends without a newline
     console.print(Rule("what happened, from the log"))
     for job in jobs:
         final = await ledger.get(job.id)
@@ -107,7 +114,7 @@ async def run_demo(console: Console, ledger: JobLedger = demo_ledger) -> int:
         for rec, state in steps(await ledger.history(job.id)):
             rows.append((rec, diff(prev, state)))
             prev = state
-        console.print(status_text(final.status), f"[bold]{final.label}[/]  {final.id}")
+        console.print(status_text(final.status), Text(final.label, style="bold"), f" {final.id}")
         console.print(timeline(rows))
     expected = {
         imports.id: "completed",
@@ -120,9 +127,12 @@ async def run_demo(console: Console, ledger: JobLedger = demo_ledger) -> int:
     ok = finals == expected and (await ledger.get(birds.id)).run == 2
     console.print(Rule())
     console.print(
-        "Every row above is an event in PostgreSQL. Try: "
-        f"[bold]jobledger ls --context demo_run={run_id}[/], "
-        f"[bold]jobledger show {flaky.id}[/]"
+        Text.assemble(
+            "Every row above is an event in PostgreSQL. Try: ",
+            (f"jobledger ls --context demo_run={run_id}", "bold"),
+            ", ",
+            (f"jobledger show {flaky.id}", "bold"),
+        )
     )
     return 0 if ok else 1
 
@@ -138,11 +148,4 @@ def _update(progress: Progress, task: int, job: Job) -> None:
         note = f"{job.error.type}: {job.error.message}"[:60]
     if job.run > 1:
         note = f"run {job.run} · {note}"
-    status = f"[{_colour(job.status)}]{job.status}[/] a{job.attempt}"
-    progress.update(task, completed=frac, status=status, note=note)
-
-
-def _colour(status: str) -> str:
-    return {"completed": "green", "failed": "red", "cancelled": "dim", "running": "yellow"}.get(
-        status, "blue"
-    )
+    progress.update(task, completed=frac, status=job.status, attempt=f"a{job.attempt}", note=note)

@@ -9,6 +9,7 @@ import sys
 import anyio
 
 from engine import JobLedger
+from engine import events as ev
 from tests.operators import register_basic
 
 register_operators = register_basic
@@ -87,6 +88,41 @@ async def test_ls_orders_by_a_descending_field_written_as_its_own_argument(
         assert [j["label"] for j in json.loads(out)["jobs"]] == ["b", "a"], args
     code, _, err = await cli(db, "ls", "--order", "--json")
     assert code == 2 and "expected one argument" in err
+
+
+async def test_show_says_when_an_event_changed_no_field(ledger: JobLedger, db: str) -> None:
+    job = await ledger.submit("noop")
+    await ledger.set_pinned(job.id)
+    await ledger.set_pinned(job.id)  # recorded, though the job was pinned already
+    code, out, err = await cli(db, "show", str(job.id))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "job.pinned" in line]
+    assert len(rows) == 2
+    assert "pinned: false → true" in rows[0] and "(no field changed)" in rows[1]
+
+
+async def test_text_with_brackets_is_shown_as_written(ledger: JobLedger, db: str) -> None:
+    """Labels, reasons and messages are users' text: rich markup in them is not
+    applied, and a stray closing tag does not stop the command."""
+    label = "Import [draft] cats [/bold]"
+    job = await ledger.submit("noop", label=label)
+    await ledger.mark_running(job.id, worker="ext")
+    await ledger.report_progress(job.id, fraction=0.5, message="chunk [red]3[/red] of 6")
+    await ledger.mark_failed(
+        job.id, ev.ErrorInfo(type="IOError", message="bucket [/] gone"), reason="why [/x]"
+    )
+    for args, texts in (
+        (("ls",), [label]),
+        (("show", str(job.id)), [label, "chunk [red]3[/red] of 6", "why [/x]"]),
+        (("replay", str(job.id)), [label, "why [/x]"]),
+        (("audit",), ["why [/x]"]),
+        (("wait", str(job.id)), ["chunk [red]3[/red] of 6", "failed: IOError: bucket [/] gone"]),
+    ):
+        code, out, err = await cli(db, *args)
+        assert "Traceback" not in err, (args, err)
+        for text in texts:
+            assert text in out, (args, text, out)
+        assert code == (1 if args[0] == "wait" else 0), (args, err)
 
 
 async def test_errors_are_one_line_with_exit_codes(ledger: JobLedger, db: str) -> None:
@@ -220,3 +256,33 @@ async def test_bad_log_settings_are_refused_by_name(db: str) -> None:
         )
         assert proc.returncode == 2
         assert f"got {value!r}" in proc.stderr.decode()
+
+
+async def test_the_demo_ends_as_it_expects(db: str) -> None:
+    """The README's first command: every demo job must end as the demo says
+    (exit 0), and its piped output must stay readable."""
+    code, out, err = await cli(db, "demo")
+    assert code == 0, err
+    assert "Every row above is an event in PostgreSQL" in out
+    rule = [line for line in out.splitlines() if "what happened, from the log" in line]
+    assert len(rule) == 1 and "━" not in rule[0]  # not glued to the last progress bar
+
+
+async def test_tables_show_text_as_written_on_any_console(ledger: JobLedger) -> None:
+    """A service may print jobledger's tables on its own rich console, where
+    markup is on: the cells still show users' text as written."""
+    from rich.console import Console
+
+    from engine import render
+    from projections.history import steps
+    from projections.replay import diff
+
+    job = await ledger.submit("noop", label="Import [draft] cats", reason="a [bold]b[/bold] c")
+    history = await ledger.history(job.id)
+    console = Console(record=True, width=200, markup=True)
+    console.print(render.jobs_table([job]))
+    console.print(render.job_card(job))
+    console.print(render.timeline([(rec, diff(None, state)) for rec, state in steps(history)]))
+    out = console.export_text()
+    # the table, the card's title and label row, the timeline
+    assert out.count("Import [draft] cats") == 4 and "a [bold]b[/bold] c" in out
