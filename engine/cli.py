@@ -405,7 +405,13 @@ async def cmd_demo(ledger: JobLedger, args: argparse.Namespace, console: Console
 @command("report")
 async def cmd_report(ledger: JobLedger, args: argparse.Namespace, console: Console) -> int:
     """Throughput, failures, wait and run times per operator or queue and time bucket."""
-    rows = await ledger.report(since=args.since, until=args.until, by=args.by, bucket=args.bucket)
+    rows = await ledger.report(
+        since=args.since,
+        until=args.until,
+        by=args.by,
+        bucket=args.bucket,
+        catch_up=not args.no_catch_up,
+    )
     if args.format == "json":
         print(msgspec.json.encode(rows).decode())
     elif args.format == "csv":
@@ -724,6 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("operator", "queue"), default="operator")
     p.add_argument("--bucket", choices=("hour", "day", "week"), default="hour")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--no-catch-up",
+        action="store_true",
+        help="read the report projection as it is, without applying the log's newest events",
+    )
 
     p = sub.add_parser("projections", help="projection status, rebuild, run")
     psub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -704,12 +704,24 @@ class JobLedger:
         until: datetime | None = None,
         by: str = "operator",
         bucket: str = "hour",
+        catch_up: bool = True,
     ) -> builtins.list[Any]:
         """Report rows (counts, failure rate, wait/run percentiles) per ``by`` and ``bucket``
-        (``"hour"``, ``"day"``, ``"week"``) in ``[since, until)``, from the report projection
-        (run ``jobledger projections run`` to keep it current)."""
-        from projections.reports import report
+        (``"hour"``, ``"day"``, ``"week"``) in ``[since, until)``, from the report projection.
 
+        The projection is first caught up with the log (the events below the
+        fence that it has not applied yet, as ``jobledger projections run``
+        would apply them), so the report is current even where no runner
+        runs; with a runner it is a batch at most. ``catch_up=False`` reads
+        the projection as it is, for a caller that accepts its lag.
+        """
+        from engine.store import check_log_cluster
+        from projections import runner
+        from projections.reports import ReportProjection, report
+
+        if catch_up:
+            await check_log_cluster(self.pool)
+            await runner.catch_up(self.pool, ReportProjection())
         return await report(self.pool, since=since, until=until or utcnow(), by=by, bucket=bucket)
 
     async def prune(

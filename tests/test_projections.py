@@ -107,6 +107,24 @@ async def test_runner_applies_every_event_once(ledger: JobLedger) -> None:
     assert await verify_all(ledger.pool) == []
 
 
+async def test_a_report_is_current_without_a_runner(ledger: JobLedger) -> None:
+    """No runner runs: the report catches its projection up with the log first,
+    unless told to read it as it is."""
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 3)
+    await ledger.mark_running(jobs[0].id)
+    await ledger.mark_completed(jobs[0].id)
+    now = datetime.now(UTC)
+    window = {"since": now - timedelta(hours=1), "until": now + timedelta(hours=1)}
+    assert await ledger.report(**window, catch_up=False) == []
+    [row] = await ledger.report(**window)
+    assert (row.submitted, row.started, row.completed) == (3, 1, 1)
+    await ledger.mark_running(jobs[1].id)
+    [stale] = await ledger.report(**window, catch_up=False)
+    assert stale.started == 1
+    [row] = await ledger.report(**window)
+    assert row.started == 2
+
+
 class Crashing(reports.ReportProjection):
     """A report projection that dies after writing part of a chosen batch."""
 
