@@ -536,7 +536,7 @@ async def _replay(events: list[Any], args: argparse.Namespace, console: Console)
             await anyio.Path(args.json).write_bytes(payload)
             console.print(f"wrote {len(events)} events to {args.json}")
         return 0
-    at = _at(args.at)
+    at = args.at
     shown = [e for e in events if at is None or _before(e, at)]
     if at is not None:
         state = state_at(events, at)
@@ -561,12 +561,9 @@ async def _replay(events: list[Any], args: argparse.Namespace, console: Console)
     return 0
 
 
-def _at(text: str | None) -> int | datetime | None:
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    return time_arg(text)
+def at_arg(text: str) -> int | datetime:
+    """``replay --at``: a log position (digits) or an ISO-8601 time."""
+    return int(text) if text.isdigit() else time_arg(text)
 
 
 def _before(rec: Any, at: int | datetime) -> bool:
@@ -751,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="a job's events step by step; its state at a time")
     p.add_argument("job", nargs="?")
-    p.add_argument("--at", help="a log position or an ISO time")
+    p.add_argument("--at", type=at_arg, help="a log position or an ISO time")
     p.add_argument("--step", action="store_true", help="one event at a time (terminal)")
     p.add_argument("--json", metavar="FILE", help="write the event stream to FILE (- for stdout)")
     p.add_argument("--from-file", metavar="FILE", help="replay a stream written by --json")

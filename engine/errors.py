@@ -38,12 +38,13 @@ class JobNotFound(JobLedgerError):
 
 
 class InvalidTransition(JobLedgerError):
-    """The lifecycle does not allow this transition (pass force=True to override)."""
+    """The lifecycle does not allow this transition (``force=True`` overrides it, recorded)."""
 
     def __init__(self, job_id: UUID, from_status: str, to_status: str, event_type: str) -> None:
         super().__init__(
             f"job {job_id}: {event_type} would move it from {from_status!r} to {to_status!r}, "
-            "which the lifecycle does not allow (pass force=True to override)",
+            "which the lifecycle does not allow (force=True, or --force on the command line,"
+            " overrides it and is recorded)",
             job_id=job_id,
             from_status=from_status,
             to_status=to_status,

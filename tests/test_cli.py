@@ -140,7 +140,12 @@ async def test_errors_are_one_line_with_exit_codes(ledger: JobLedger, db: str) -
         (("ls", "--status", "done"), 2, "unknown status 'done'"),
         (("show", "00000000-0000-0000-0000-000000000000"), 1, "does not exist"),
         (("show", "xyz"), 2, "'xyz' is not a job id"),
-        (("rerun", str(job.id)), 1, "from 'queued' to 'queued'"),
+        (
+            ("rerun", str(job.id)),
+            1,
+            "from 'queued' to 'queued', which the lifecycle does not allow (force=True, or --force",
+        ),
+        (("replay", str(job.id), "--at", "yesterday"), 2, "not an ISO-8601 time: 'yesterday'"),
         (("cancel", str(job.id), "--expect-status", "running"), 1, "no change"),
         (("delete",), 2, "give a job id or at least one filter"),
     ]
