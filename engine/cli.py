@@ -36,7 +36,7 @@ from engine.errors import (
     WaitTimeout,
 )
 from engine.ledger import JobLedger
-from engine.lifecycle import Status
+from engine.lifecycle import check_status
 
 Command = Callable[[JobLedger, argparse.Namespace, Console], Awaitable[int]]
 COMMANDS: dict[str, Command] = {}
@@ -102,13 +102,10 @@ def csv_list(text: str) -> list[str]:
 
 def status_list(text: str) -> list[str]:
     """Comma-separated statuses, checked."""
-    values = csv_list(text)
-    for v in values:
-        if v not in Status.__members__.values():
-            raise argparse.ArgumentTypeError(
-                f"unknown status {v!r} (statuses: {', '.join(s.value for s in Status)})"
-            )
-    return values
+    try:
+        return [check_status(v) for v in csv_list(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def filters_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from uuid import UUID
 
 import msgspec
 
-from engine.lifecycle import Status
+from engine.lifecycle import check_status
 
 TIME_FIELDS = ("created", "started", "finished", "updated", "status_changed")
 LIST_FILTERS = ("status", "operator", "queue", "owner", "worker")
@@ -119,11 +119,7 @@ def compile_filters(filters: dict[str, Any], *, start: int = 0) -> Compiled:
         if name in LIST_FILTERS:
             values = [str(v) for v in _values(name, value)]
             if name == "status":
-                bad = [v for v in values if v not in Status.__members__.values()]
-                if bad:
-                    raise ValueError(
-                        f"unknown status {bad[0]!r}; statuses: {', '.join(s.value for s in Status)}"
-                    )
+                values = [check_status(v) for v in values]
             clauses.append(f"{name} = ANY({c.param(values)}::text[])")
         elif name == "ids":
             clauses.append(

@@ -35,6 +35,7 @@ import traceback as tb
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from operator import index as as_index
 from typing import Any
 from uuid import UUID
 
@@ -124,7 +125,7 @@ def _statuses(value: StatusArg) -> frozenset[str] | None:
     if value is None:
         return None
     values = [value] if isinstance(value, str) else list(value)
-    return frozenset(lifecycle.Status(v).value for v in values)
+    return frozenset(lifecycle.check_status(v) for v in values)
 
 
 def error_info(error: BaseException | ev.ErrorInfo | str | Mapping[str, Any]) -> ev.ErrorInfo:
@@ -463,6 +464,7 @@ class JobLedger:
             return []
         at = utcnow()
         changes = [await self._submission(spec, at, actor, reason) for spec in items]
+        await self._check_parents(items)
         stored = await store.create(
             self.pool, changes, notify=store.notification((None, c.state) for c in changes)
         )
@@ -480,6 +482,19 @@ class JobLedger:
                     raise ConcurrencyConflict(c.state.id, 0)
                 out.append(existing[key])
         return out
+
+    async def _check_parents(self, items: Sequence[JobSpec]) -> None:
+        """Every ``parent_id`` of a batch names a job that exists (one query, only
+        when a parent is given): a child of nothing is bad input, stored nowhere."""
+        parents = {s.parent_id for s in items if s.parent_id is not None}
+        if not parents:
+            return
+        found = await store.load_many(self.pool, sorted(parents))
+        for pid in sorted(parents):
+            if pid not in found:
+                raise ValueError(f"parent_id: job {pid} does not exist")
+            if found[pid].deleted:
+                raise ValueError(f"parent_id: job {pid} was deleted")
 
     async def _submission(
         self, spec: JobSpec, at: datetime, actor: str | None, reason: str | None
@@ -503,6 +518,12 @@ class JobLedger:
             if spec.delay < 0:
                 raise ValueError(f"delay must not be negative, got {spec.delay}")
             run_at = at + timedelta(seconds=spec.delay)
+        try:
+            if isinstance(spec.priority, bool):
+                raise TypeError
+            priority = as_index(spec.priority)  # an int, or numpy's and the like
+        except TypeError:
+            raise ValueError(f"priority must be an integer, got {spec.priority!r}") from None
         if spec.max_attempts is not None and spec.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {spec.max_attempts}")
         if spec.timeout is not None and spec.timeout <= 0:
@@ -517,7 +538,7 @@ class JobLedger:
             description=spec.description,
             queue=spec.queue or queue,
             inputs=inputs,
-            priority=int(spec.priority),
+            priority=priority,
             run_at=run_at,
             max_attempts=spec.max_attempts or max_attempts,
             restart_policy=spec.restart_policy or policy,
@@ -974,14 +995,14 @@ class JobLedger:
         self, job_id: UUID | str, tags: Iterable[str] | str, **how: Any
     ) -> Job | None:
         """Add tags to the job."""
-        add = (tags,) if isinstance(tags, str) else tuple(tags)
+        add = _tags(tags)
         return await self.transition(job_id, lambda _: ev.Tagged(add=add), **how)
 
     async def remove_tags(
         self, job_id: UUID | str, tags: Iterable[str] | str, **how: Any
     ) -> Job | None:
         """Remove tags from the job."""
-        remove = (tags,) if isinstance(tags, str) else tuple(tags)
+        remove = _tags(tags)
         return await self.transition(job_id, lambda _: ev.Tagged(remove=remove), **how)
 
     async def update_context(
@@ -993,7 +1014,10 @@ class JobLedger:
         **how: Any,
     ) -> Job | None:
         """Set context keys (``values``) and remove others (``remove``)."""
-        values = to_json_value("context", dict(values or {}), what="context")
+        try:
+            values = msgspec.json.decode(msgspec.json.encode(dict(values or {})))
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise ValueError(f"context must be JSON values: {exc}") from None
         event = ev.ContextUpdated(set=values, unset=tuple(remove))
         return await self.transition(job_id, lambda _: event, **how)
 
@@ -1100,10 +1124,23 @@ async def _stop_on_signals(worker: Any) -> None:
 
 
 def _spec(index: int, value: Mapping[str, Any]) -> JobSpec:
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"submit_many item {index}: expected a JobSpec or a mapping of submit's arguments,"
+            f" got {type(value).__name__}"
+        )
     try:
         return msgspec.convert(dict(value), JobSpec)
     except msgspec.ValidationError as exc:
         raise InvalidInputs(str(value.get("operator", "?")), f"item {index}: {exc}") from exc
+
+
+def _tags(tags: Iterable[str] | str) -> tuple[str, ...]:
+    """Tags to add or remove: one string is one tag; none at all is a mistake."""
+    out = (tags,) if isinstance(tags, str) else tuple(tags)
+    if not out:
+        raise ValueError("give at least one tag")
+    return out
 
 
 def _after(delay: float | None) -> datetime | None:

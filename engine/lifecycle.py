@@ -37,6 +37,16 @@ class Status(StrEnum):
 
 S = Status
 
+
+def check_status(value: object) -> str:
+    """``value`` as a status name; ``ValueError`` naming the statuses when it is none."""
+    if value not in Status.__members__.values():
+        raise ValueError(
+            f"unknown status {value!r}; statuses: {', '.join(s.value for s in Status)}"
+        )
+    return str(value)
+
+
 TERMINAL: frozenset[Status] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 """Statuses a job stays in until someone retries or reruns it."""
 

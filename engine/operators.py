@@ -128,7 +128,7 @@ def to_json_value(operator: str, value: Any, *, what: str = "inputs") -> Any:
     try:
         return msgspec.json.decode(msgspec.json.encode(value))
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-        raise InvalidInputs(operator, f"{what} are not JSON: {exc}") from exc
+        raise InvalidInputs(operator, f"{what} must be JSON values: {exc}") from exc
 
 
 def operator_from_handler(

@@ -102,10 +102,45 @@ async def test_operator_published_elsewhere_can_be_submitted(ledger: JobLedger, 
         assert imp.input_schema["$defs"]["ImportInputs"]["required"] == ["dataset"]
 
 
+async def test_bad_arguments_name_what_is_wrong_and_store_nothing(ledger: JobLedger) -> None:
+    parent = await ledger.submit("noop")
+    gone = await ledger.submit("noop")
+    await ledger.delete(gone.id)
+    nowhere = "00000000-0000-0000-0000-000000000000"
+    cases = [
+        (lambda: ledger.submit_many([{"operator": "noop"}, 1]), TypeError, "item 1: expected"),
+        (lambda: ledger.submit("noop", priority="high"), ValueError, "priority must be an integer"),
+        (lambda: ledger.submit("noop", priority=2.5), ValueError, "priority must be an integer"),
+        (lambda: ledger.submit("noop", parent_id=nowhere), ValueError, f"job {nowhere} does not"),
+        (
+            lambda: ledger.submit_many(
+                [{"operator": "noop"}, {"operator": "noop", "parent_id": gone.id}]
+            ),
+            ValueError,
+            "was deleted",
+        ),
+        (lambda: ledger.add_tags(parent.id, []), ValueError, "at least one tag"),
+        (lambda: ledger.remove_tags(parent.id, ()), ValueError, "at least one tag"),
+        (lambda: ledger.update_context(parent.id, {"a": object()}), ValueError, "must be JSON"),
+        (
+            lambda: ledger.wait(parent.id, until="done", timeout=1),
+            ValueError,
+            "unknown status 'done'",
+        ),
+    ]
+    for call, kind, text in cases:
+        with pytest.raises(kind, match=text):
+            await call()
+    assert await ledger.count(include_deleted=True) == 2
+    assert (await ledger.get(parent.id)).version == 1
+    child = await ledger.submit("noop", parent_id=parent.id, priority=2)
+    assert child.parent_id == parent.id and child.priority == 2
+
+
 async def test_non_json_and_oversized_payloads(ledger: JobLedger, monkeypatch) -> None:
-    with pytest.raises(InvalidInputs, match="not JSON"):
+    with pytest.raises(InvalidInputs, match="inputs must be JSON values"):
         await ledger.submit("noop", {"when": object()})
-    with pytest.raises(InvalidInputs, match="context are not JSON"):
+    with pytest.raises(InvalidInputs, match="context must be JSON values"):
         await ledger.submit("noop", context={"s": {1, 2}.__iter__()})
     monkeypatch.setattr(LIMITS, "max_event_bytes", 2000)
     with pytest.raises(PayloadTooLarge, match="over the limit of 2000 bytes"):
