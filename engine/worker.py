@@ -82,11 +82,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger("jobledger.worker")
 
 
+def _names(value: Iterable[str] | str) -> list[str]:
+    """Queue or operator names: one string is one name (not its letters)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 class Worker:
     """Runs the handlers of a ledger's registered operators.
 
     ``queues``: the queues to claim from (default: the queues of the registered
-    operators). ``operators``: restrict to these operators. ``concurrency``:
+    operators). ``operators``: restrict to these operators. Either may be one
+    name (a string) or several. ``concurrency``:
     handlers running at once (a job whose outcome is being written no longer
     counts; at most twice as many jobs are held). ``burst``: exit when no claimable job is left
     (``limit``: after at most that many jobs). ``context``: only jobs whose
@@ -143,7 +149,7 @@ class Worker:
             if not value >= 0:
                 raise ValueError(f"{name} must be zero or more, got {value}")
         registry = ledger.registry
-        names = list(operators) if operators is not None else list(registry)
+        names = _names(operators) if operators is not None else list(registry)
         unknown = [n for n in names if n not in registry]
         if unknown:
             raise ValueError(f"operators not registered in this process: {', '.join(unknown)}")
@@ -151,7 +157,7 @@ class Worker:
             raise ValueError("the worker has no operators: register some with @ledger.operator")
         self.ledger = ledger
         self.operators = sorted(names)
-        self.queues = sorted(set(queues) if queues else {registry[n].queue for n in names})
+        self.queues = sorted(set(_names(queues)) if queues else {registry[n].queue for n in names})
         self.concurrency = concurrency
         self.burst = burst
         self.limit = limit

@@ -384,6 +384,16 @@ async def test_bad_worker_options_are_refused_by_name(
         Worker(ledger, **options)
 
 
+async def test_one_queue_or_operator_may_be_given_as_a_string(ledger: JobLedger) -> None:
+    """``queues="default"`` is the queue default, not the queues d, e, f, a, u, l, t."""
+    job = await ledger.submit("gives_up", queue="default")
+    worker = Worker(ledger, queues="default", operators="gives_up", burst=True, **FAST)
+    assert (worker.queues, worker.operators) == (["default"], ["gives_up"])
+    with anyio.fail_after(10):
+        await worker.run()
+    assert (await ledger.get(job.id)).status == "cancelled"
+
+
 async def test_a_job_task_that_raises_fails_the_worker(ledger: JobLedger) -> None:
     """_run_job records every failure of a job; an exception that escapes it
     anyway is a bug, and the worker fails loudly instead of losing it."""
