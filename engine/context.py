@@ -100,7 +100,9 @@ class JobContext:
         hash: str | None = None,
     ) -> None:
         """Publish an output of this job (replacing one with the same key)."""
-        artifact = ev.Artifact(key=key, uri=uri, type=type, size=size, hash=hash)
+        artifact = ev.checked_artifact(
+            ev.Artifact(key=key, uri=uri, type=type, size=size, hash=hash)
+        )
         async with self._hold.lock:
             await self._completer.write(self._hold, ev.ArtifactAdded(artifact=artifact))
 

@@ -43,6 +43,22 @@ class Artifact(msgspec.Struct, frozen=True, omit_defaults=True):
     hash: str | None = None
 
 
+def checked_artifact(artifact: Artifact) -> Artifact:
+    """``artifact`` if it can be published: a key, a URI, and a size (if any) of
+    zero or more; else ``ValueError`` naming what is missing. Checked where
+    artifacts are written, not where the log is read, so no stored event stops
+    a replay."""
+    if not artifact.key:
+        raise ValueError("an artifact needs a non-empty key")
+    if not artifact.uri:
+        raise ValueError(f"artifact {artifact.key!r} needs a non-empty uri")
+    if artifact.size is not None and artifact.size < 0:
+        raise ValueError(
+            f"artifact {artifact.key!r}: size must not be negative, got {artifact.size}"
+        )
+    return artifact
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every event. ``type(event).tag`` is its stable stored name."""
 

@@ -1025,7 +1025,8 @@ class JobLedger:
         self, job_id: UUID | str, artifact: ev.Artifact, **how: Any
     ) -> Job | None:
         """Publish an artifact of the running job (replacing one with the same key)."""
-        return await self.transition(job_id, lambda _: ev.ArtifactAdded(artifact=artifact), **how)
+        event = ev.ArtifactAdded(artifact=ev.checked_artifact(artifact))
+        return await self.transition(job_id, lambda _: event, **how)
 
     async def delete(self, job_id: UUID | str, **how: Any) -> Job | None:
         """Delete the job: a tombstone event. Its history stays; a running job must be

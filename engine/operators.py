@@ -152,6 +152,8 @@ def operator_from_handler(
         raise TypeError(f"operator {name!r}: the handler must be an async function")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"operator {name!r}: timeout must be positive, got {timeout}")
+    if not queue or not isinstance(queue, str):
+        raise ValueError(f"operator {name!r}: queue must be a non-empty name, got {queue!r}")
     params = list(inspect.signature(handler).parameters.values())
     if len(params) not in (1, 2):
         raise TypeError(f"operator {name!r}: the handler must take (ctx) or (ctx, inputs)")

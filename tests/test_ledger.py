@@ -102,6 +102,10 @@ async def test_operator_published_elsewhere_can_be_submitted(ledger: JobLedger, 
         assert imp.input_schema["$defs"]["ImportInputs"]["required"] == ["dataset"]
 
 
+async def noop_handler(ctx: object) -> None:
+    """A handler for registration checks."""
+
+
 async def test_bad_arguments_name_what_is_wrong_and_store_nothing(ledger: JobLedger) -> None:
     parent = await ledger.submit("noop")
     gone = await ledger.submit("noop")
@@ -127,10 +131,22 @@ async def test_bad_arguments_name_what_is_wrong_and_store_nothing(ledger: JobLed
             ValueError,
             "unknown status 'done'",
         ),
+        (
+            lambda: ledger.add_artifact(parent.id, ev.Artifact(key="model", uri="")),
+            ValueError,
+            "artifact 'model' needs a non-empty uri",
+        ),
+        (
+            lambda: ledger.add_artifact(parent.id, ev.Artifact(key="m", uri="s3://m", size=-1)),
+            ValueError,
+            "size must not be negative, got -1",
+        ),
+        (lambda: ledger.operator("elsewhere", queue="")(noop_handler), ValueError, "non-empty"),
     ]
     for call, kind, text in cases:
         with pytest.raises(kind, match=text):
             await call()
+    assert "elsewhere" not in ledger.registry
     assert await ledger.count(include_deleted=True) == 2
     assert (await ledger.get(parent.id)).version == 1
     child = await ledger.submit("noop", parent_id=parent.id, priority=2)
