@@ -61,6 +61,7 @@ from engine.operators import (
     Operator,
     OperatorInfo,
     info,
+    json_values,
     operator_from_handler,
     to_json_value,
 )
@@ -1014,10 +1015,7 @@ class JobLedger:
         **how: Any,
     ) -> Job | None:
         """Set context keys (``values``) and remove others (``remove``)."""
-        try:
-            values = msgspec.json.decode(msgspec.json.encode(dict(values or {})))
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            raise ValueError(f"context must be JSON values: {exc}") from None
+        values = json_values(dict(values or {}), what="context")
         event = ev.ContextUpdated(set=values, unset=tuple(remove))
         return await self.transition(job_id, lambda _: event, **how)
 

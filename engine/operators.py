@@ -123,12 +123,20 @@ def _invalid(name: str, exc: msgspec.ValidationError) -> InvalidInputs:
     return InvalidInputs(name, detail, path=m.group(1) if m else None)
 
 
-def to_json_value(operator: str, value: Any, *, what: str = "inputs") -> Any:
-    """``value`` as plain JSON values, or :class:`InvalidInputs` if it is not JSON."""
+def json_values(value: Any, *, what: str) -> Any:
+    """``value`` as plain JSON values, or ``ValueError`` naming ``what`` is not JSON."""
     try:
         return msgspec.json.decode(msgspec.json.encode(value))
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-        raise InvalidInputs(operator, f"{what} must be JSON values: {exc}") from exc
+        raise ValueError(f"{what} must be JSON values: {exc}") from exc
+
+
+def to_json_value(operator: str, value: Any, *, what: str = "inputs") -> Any:
+    """``value`` as plain JSON values, or :class:`InvalidInputs` if it is not JSON."""
+    try:
+        return json_values(value, what=what)
+    except ValueError as exc:
+        raise InvalidInputs(operator, str(exc)) from exc.__cause__
 
 
 def operator_from_handler(
