@@ -298,12 +298,20 @@ class JobLedger:
                 ready = anyio.Event()
 
                 async def serve() -> None:
-                    async with anyio.create_task_group() as tg:
-                        await tg.start(listener.run)
-                        ready.set()
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            await tg.start(listener.run)
+                            ready.set()
+                    finally:
+                        ready.set()  # also when the listener fails to start: see below
 
-                self._listener_task = asyncio.get_running_loop().create_task(serve())
+                task = asyncio.get_running_loop().create_task(serve())
+                self._listener_task = task
                 await ready.wait()
+                if task.done():  # it ended before it listened: raise why, never wait on
+                    self._listener_task = None
+                    task.result()
+                    raise RuntimeError("the listener stopped before it started")
                 self._listener = listener
         return self._listener
 

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 from engine.errors import DatabaseUnavailable
-from engine.postgres import connect
+from engine.postgres import DB_ERRORS, connect
 from engine.store import CHANNEL
 
 log = structlog.get_logger("jobledger.notifications")
@@ -103,13 +103,10 @@ class Listener:
                     await anyio.sleep(self.health_interval)
                     with anyio.fail_after(self.health_interval):
                         await conn.fetchval("SELECT 1")
-            except (
-                DatabaseUnavailable,
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                TimeoutError,
-            ) as exc:
+            except (DatabaseUnavailable, asyncpg.PostgresError, *DB_ERRORS) as exc:
+                # DB_ERRORS, the one list of "the connection failed", includes the
+                # InternalClientError asyncpg raises for a connection killed while it
+                # is being set up; missing it here let the listener die unseen.
                 log.warning("listener_disconnected", error=str(exc) or type(exc).__name__)
             finally:
                 self.connected = False

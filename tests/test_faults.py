@@ -212,3 +212,54 @@ async def test_sigterm_lets_running_jobs_finish(ledger, db, tmp_path) -> None:
     assert done.status == "completed"
     workers_rows = await ledger.pool.fetch("SELECT stopped_at FROM jobledger.workers")
     assert all(r["stopped_at"] is not None for r in workers_rows)
+
+
+async def test_the_listener_survives_a_connection_killed_while_it_is_set_up(
+    ledger: JobLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LISTEN connection killed during its setup made asyncpg raise
+    InternalClientError ("another operation is in progress"), which the
+    listener did not count as a dropped connection: it died, and everything
+    waiting for it to start (a worker's run) waited forever."""
+    import asyncpg
+
+    import engine.notifications as notifications
+
+    real_connect = notifications.connect
+    calls = 0
+
+    async def connect_killed_once(*args: object, **kwargs: object) -> asyncpg.Connection:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 11; another operation (2) is in progress"
+            )
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(notifications, "connect", connect_killed_once)
+    with anyio.fail_after(10):
+        listener = await ledger.listener()
+        assert listener is not None
+        while not listener.connected:  # noqa: ASYNC110 - a flag, set by its task
+            await anyio.sleep(0.05)
+        woken = anyio.Event()
+        with listener.subscribe(lambda notice: woken.set()):
+            await ledger.submit("noop")
+            await woken.wait()
+    assert calls == 2
+
+
+async def test_a_listener_that_cannot_start_raises_instead_of_hanging(
+    ledger: JobLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.notifications as notifications
+
+    async def broken_run(self: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the listener")
+
+    monkeypatch.setattr(notifications.Listener, "run", broken_run)
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as err:
+        await ledger.listener()
+    assert err.group_contains(RuntimeError, match="a bug in the listener")
+    assert ledger._listener is None and ledger._listener_task is None
