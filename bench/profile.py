@@ -67,9 +67,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 await ledger._submission(_spec(i, {"operator": "noop"}), at, None, None)
                 for i in range(size)
             ]
-            rows, evs = store._encode_batch(changes)
+            params = (*store._encode_streams(changes), None)
             note("submit_many", "python", (time.perf_counter() - t) * 1000)
-            params = (msgspec.Raw(rows), msgspec.Raw(evs), None)
             note("submit_many", "server", await explain_ms(conn, Q.create_streams_plain, *params))
             await timed(
                 "submit_many",

@@ -54,18 +54,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
 import msgspec
+from msgspec.structs import astuple
 
 from engine import events as ev
 from engine.errors import ImmutableLog, JobNotFound, PayloadTooLarge
 from engine.pool import Pool
 from engine.sqlfiles import Q
 from projections.codec import decode_job, recorded_from_row
-from projections.job_state import Job
+from projections.job_state import JOB_FIELDS, Job
 
 CHANNEL = "jobledger"
 MAX_DONE_IDS = 100
@@ -180,6 +182,94 @@ async def append(
     return _ids(written)
 
 
+class _Streams(NamedTuple):
+    """The parameters of ``create_streams`` (see sql/queries/store.sql)."""
+
+    template: msgspec.Raw
+    ids: list[UUID]
+    patches: msgspec.Raw | None
+    type: str
+    data: msgspec.Raw
+    meta: msgspec.Raw
+    recorded_at: list[datetime]
+
+
+JSON_COLUMNS = frozenset({"inputs", "context", "progress", "result", "error", "artifacts"})
+"""The ``jsonb`` columns of ``jobs``: their values are compared as encoded JSON,
+where ``1 == 1.0 == True`` in Python would hide a difference the column keeps.
+``tests/test_migrations.py`` checks this against the table."""
+
+_JSON_INDEXES = frozenset(i for i, name in enumerate(JOB_FIELDS) if name in JSON_COLUMNS)
+
+
+def _one_or_each(values: list[bytes]) -> msgspec.Raw:
+    """One JSON value when all are the same, else a JSON array of one per job."""
+    if values.count(values[0]) == len(values):
+        return msgspec.Raw(values[0])
+    return msgspec.Raw(b"[" + b",".join(values) + b"]")
+
+
+def _encode_streams(changes: Sequence[Change]) -> _Streams:
+    """New jobs as one template row and, per job, only the columns that differ.
+
+    The jobs of one submission share most of their row (operator, queue,
+    defaults, times), so the server turns one row of JSON into a record and
+    each job overlays its few own values, instead of parsing a whole row per
+    job. It is an encoding only: every row is still exactly the reducer's.
+    A column counts as shared when every job's value equals the first's, by
+    ``==`` for the scalar columns (their SQL types keep no distinction that
+    ``==`` hides) and by encoded bytes for the ``jsonb`` ones.
+    """
+    n = len(changes)
+    first = changes[0].recorded
+    for c in changes:
+        if c.recorded.type != ev.Submitted.tag or c.recorded.version != 1:
+            raise ValueError(
+                f"a new stream starts with job.submitted at version 1, got {c.recorded.type}"
+                f" at version {c.recorded.version} for job {c.state.id}"
+            )
+    columns = list(zip(*(astuple(c.state) for c in changes), strict=True)) if n > 1 else []
+    differ = []
+    for i in range(1, len(columns)):  # 0 is the id, sent on its own (one job: no columns)
+        col = columns[i]
+        if i in _JSON_INDEXES:
+            first_value = col[0]
+            if all(v is first_value for v in col):
+                continue
+            encoded = [_encoder.encode(v) for v in col]
+            if encoded.count(encoded[0]) == n:
+                continue
+        elif col.count(col[0]) == n:
+            continue
+        differ.append(i)
+    patches = None
+    if differ:
+        names = [JOB_FIELDS[i] for i in differ]
+        patches = msgspec.Raw(
+            _encoder.encode(
+                [
+                    dict(zip(names, vals, strict=True))
+                    for vals in zip(*(columns[i] for i in differ), strict=True)
+                ]
+            )
+        )
+    data = [_encoder.encode(c.recorded.event) for c in changes]
+    limit = LIMITS.max_event_bytes
+    largest = max(data, key=len)
+    if len(largest) > limit:
+        raise PayloadTooLarge(f"the {first.type} event", len(largest), limit)
+    times = [c.recorded.recorded_at for c in changes]
+    return _Streams(
+        template=msgspec.Raw(_encoder.encode(changes[0].state)),
+        ids=[c.state.id for c in changes],
+        patches=patches,
+        type=first.type,
+        data=_one_or_each(data),
+        meta=_one_or_each([_encoder.encode(c.recorded.meta) for c in changes]),
+        recorded_at=times[:1] if times.count(times[0]) == n else times,
+    )
+
+
 async def create(
     conn: Executor,
     changes: Sequence[Change],
@@ -194,15 +284,10 @@ async def create(
     """
     if not changes:
         return set()
-    rows, events = _encode_batch(changes)
+    params = _encode_streams(changes)
     if any(c.state.idempotency_key is not None for c in changes):
-        stored = await conn.fetchval(
-            Q.create_streams, msgspec.Raw(rows), msgspec.Raw(events), notify
-        )
-        return _ids(stored)
-    count = await conn.fetchval(
-        Q.create_streams_plain, msgspec.Raw(rows), msgspec.Raw(events), notify
-    )
+        return _ids(await conn.fetchval(Q.create_streams, *params, notify))
+    count = await conn.fetchval(Q.create_streams_plain, *params, notify)
     if count != len(changes):  # pragma: no cover - the statement is all or nothing
         raise RuntimeError(f"stored {count} of {len(changes)} new jobs")
     return {c.state.id for c in changes}

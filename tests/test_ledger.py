@@ -28,6 +28,7 @@ from engine.ledger import new_job_id
 from engine.postgres import connect
 from engine.sqlfiles import Q
 from engine.store import LIMITS
+from projections.job_state import apply
 from tests.operators import ImportInputs, register_basic
 
 register_operators = register_basic
@@ -212,6 +213,98 @@ async def test_submit_many_keeps_order_and_is_all_or_nothing(ledger: JobLedger) 
     with pytest.raises(InvalidInputs, match="item 0"):
         await ledger.submit_many([{"operator": "noop", "priority": "high"}])
     assert await ledger.count() == 50
+
+
+async def test_submit_many_stores_each_jobs_own_values(ledger: JobLedger) -> None:
+    # A batch's rows go to the server as one template and, per job, the columns
+    # that differ from it (store._encode_streams): every field a submit can set
+    # varies here, and JSON values that Python calls equal (1, 1.0, True) must
+    # each be stored as given.
+    parent = await ledger.submit("noop")
+    now = datetime.now(UTC)
+    specs = [
+        {"operator": "noop", "inputs": {"n": 1}},
+        {"operator": "noop", "inputs": {"n": 1.0}},
+        {"operator": "noop", "inputs": {"n": True}, "context": {"n": 1.0}},
+        {
+            "operator": "dataset.import",
+            "inputs": {"dataset": "cats"},
+            "label": "cats",
+            "description": "d",
+            "queue": "q2",
+            "priority": 7,
+            "run_at": now + timedelta(hours=1),
+            "max_attempts": 5,
+            "timeout": 9.5,
+            "restart_policy": "never",
+            "retry_backoff": 2.5,
+            "tags": ["a", "b"],
+            "context": {"n": 1},
+            "parent_id": parent.id,
+            "owner": "ana",
+            "idempotency_key": "k-cats",
+        },
+        {"operator": "noop", "inputs": {"n": 1}},
+    ]
+    jobs = await ledger.submit_many(specs, actor="ana")
+    stored = [await ledger.get(j.id) for j in jobs]
+    assert stored == jobs
+    inputs = [j.inputs["n"] for j in stored if j.operator == "noop"]
+    assert [(v, type(v)) for v in inputs] == [(1, int), (1.0, float), (True, bool), (1, int)]
+    assert [type(j.context.get("n")) for j in stored] == [
+        type(None),
+        type(None),
+        float,
+        int,
+        type(None),
+    ]
+    cats = stored[3]
+    assert (cats.status, cats.queue, cats.priority, cats.tags) == ("scheduled", "q2", 7, ["a", "b"])
+    assert (cats.parent_id, cats.owner, cats.idempotency_key) == (parent.id, "ana", "k-cats")
+    assert (cats.max_attempts, cats.timeout, cats.restart_policy) == (5, 9.5, "never")
+    for job in stored:
+        [rec] = await ledger.history(job.id)
+        assert rec.meta.actor == "ana" and rec.recorded_at == job.created_at
+    # Alone in a batch, values equal to Python but not to JSON are no column
+    # the batch shares.
+    values = [1, 1.0, True]
+    alike = await ledger.submit_many(
+        [{"operator": "noop", "inputs": {"n": v}, "context": {"n": v}} for v in values]
+    )
+    for job, v in zip(alike, values, strict=True):
+        got = await ledger.get(job.id)
+        assert type(got.inputs["n"]) is type(v) and type(got.context["n"]) is type(v)
+        [rec] = await ledger.history(job.id)
+        assert type(rec.event.inputs["n"]) is type(v)
+
+
+async def test_create_keeps_each_events_own_meta_and_time(ledger: JobLedger, db: str) -> None:
+    # store.create takes any batch of first events, not only one submission's:
+    # times and metas that differ are sent one per job.
+    at = datetime.now(UTC)
+    changes = []
+    for i, actor in enumerate(["ana", "bo", "ana"]):
+        rec = ev.Recorded(
+            job_id=new_job_id(),
+            version=1,
+            event=ev.Submitted(operator="noop", label=f"j{i}"),
+            recorded_at=at + timedelta(seconds=i),
+            meta=ev.Meta(actor=actor),
+        )
+        changes.append(store.Change(apply(None, rec), rec))
+    conn = await connect(db)
+    try:
+        assert await store.create(conn, changes) == {c.state.id for c in changes}
+        with pytest.raises(ValueError, match=r"job\.submitted at version 1, got job\.started"):
+            started = changes[0].recorded
+            bad = msgspec.structs.replace(started, version=2, event=ev.Started(worker="w"))
+            await store.create(conn, [store.Change(changes[0].state, bad)])
+    finally:
+        await conn.close()
+    for c in changes:
+        [rec] = await ledger.history(c.state.id)
+        assert (rec.meta.actor, rec.recorded_at) == (c.recorded.meta.actor, c.recorded.recorded_at)
+        assert await ledger.get(c.state.id) == c.state
 
 
 async def test_get_unknown_and_malformed_ids(ledger: JobLedger) -> None:

@@ -51,25 +51,49 @@ HAVING count(*) > 0;
 -- Start new streams: insert each job's first row and its job.submitted event,
 -- in one statement. A job whose idempotency key is already taken is skipped
 -- (ON CONFLICT DO NOTHING) and missing from the result; the caller then reads
--- the existing job by its key. $1 rows, $2 events, $3 NOTIFY payload or NULL.
--- As in append_events: one row of the ids stored, or none (and no NOTIFY).
-WITH created AS (
+-- the existing job by its key.
+--
+-- The rows come as one template and what each job changes in it (see
+-- store._encode_streams): jobs of one submission share most of their row, and
+-- turning a whole row of JSON into a record for every job was half of the
+-- statement's server time. $1: the template row (the reducer's first row, as
+-- JSON); $2: the jobs' ids; $3: NULL when the rows differ only in their ids,
+-- else a JSON array of one object per job holding the columns that differ
+-- (keys absent keep the template's value); $4: the events' type; $5 and $6:
+-- the events' data and meta, each one object shared by all or an array of one
+-- per job; $7: the event times, one shared or one per job; $8: a NOTIFY
+-- payload or NULL. As in append_events: one row of the ids stored, or none
+-- (and no NOTIFY).
+WITH t AS MATERIALIZED (
+    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
+),
+created AS (
     INSERT INTO jobledger.jobs
-    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+    SELECT u.id,
+           x.version, x.operator, x.label, x.description, x.queue, x.status,
+           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
+           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
+           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
+           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
+           x.status_message, x.idempotency_key, x.created_at, x.started_at,
+           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
+    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
+         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT e.job_id, 1, e.type, e.data, e.meta, e.recorded_at
-    FROM jsonb_to_recordset($2::jsonb)
-         AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
-    JOIN created ON created.id = e.job_id
+    SELECT u.id, 1, $4::text, coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
+           coalesce($6::jsonb -> (u.n::int - 1), $6::jsonb),
+           coalesce(($7::timestamptz[])[u.n], ($7::timestamptz[])[1])
+    FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
+    JOIN created ON created.id = u.id
     RETURNING job_id
 )
 SELECT array_agg(ins.job_id),
-       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
-                              WHERE $3::text IS NOT NULL) AS n) AS notified
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $8::text)
+                              WHERE $8::text IS NOT NULL) AS n) AS notified
 FROM ins
 HAVING count(*) > 0;
 
@@ -78,21 +102,34 @@ HAVING count(*) > 0;
 -- can be skipped, so no conflict clause (a speculative insertion per row), no
 -- join of the events to the rows created, and only a count back (a failing
 -- row fails it all): rendering and decoding a row per job cost ~5% of a
--- batch's time.
-WITH created AS (
+-- batch's time. The same parameters as create_streams.
+WITH t AS MATERIALIZED (
+    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
+),
+created AS (
     INSERT INTO jobledger.jobs
-    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+    SELECT u.id,
+           x.version, x.operator, x.label, x.description, x.queue, x.status,
+           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
+           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
+           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
+           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
+           x.status_message, x.idempotency_key, x.created_at, x.started_at,
+           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
+    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
+         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
 ),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT e.job_id, 1, e.type, e.data, e.meta, e.recorded_at
-    FROM jsonb_to_recordset($2::jsonb)
-         AS e(job_id uuid, type text, data jsonb, meta jsonb, recorded_at timestamptz)
+    SELECT u.id, 1, $4::text, coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
+           coalesce($6::jsonb -> (u.n::int - 1), $6::jsonb),
+           coalesce(($7::timestamptz[])[u.n], ($7::timestamptz[])[1])
+    FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
     RETURNING 1
 )
 SELECT count(*),
-       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
-                              WHERE $3::text IS NOT NULL) AS n) AS notified
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $8::text)
+                              WHERE $8::text IS NOT NULL) AS n) AS notified
 FROM ins;
 
 -- name: load_job
