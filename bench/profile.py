@@ -67,7 +67,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 await ledger._submission(_spec(i, {"operator": "noop"}), at, None, None)
                 for i in range(size)
             ]
-            params = (*store._encode_streams(changes), None)
+            params = (*store._encode_writes(changes), None)
             note("submit_many", "python", (time.perf_counter() - t) * 1000)
             note("submit_many", "server", await explain_ms(conn, Q.create_streams_plain, *params))
             await timed(
@@ -90,10 +90,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     )
                     for s in states
                 ]
-                rows, evs = store._encode_batch(started)
+                params = (*store._encode_writes(started), None)
                 note("claim", "python", (time.perf_counter() - t) * 1000)
-                ids = [c.state.id for c in started]
-                params = (msgspec.Raw(rows), msgspec.Raw(evs), None, ids)
                 note("claim", "server (append)", await explain_ms(conn, Q.append_events, *params))
                 t = time.perf_counter()
                 await conn.fetch(Q.append_events, *params)
@@ -106,9 +104,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
                 for i, c in enumerate(started)
             ]
-            rows, evs = store._encode_batch(done)
+            params = (*store._encode_writes(done), None)
             note("complete", "python", (time.perf_counter() - t) * 1000)
-            params = (msgspec.Raw(rows), msgspec.Raw(evs), None, ids)
             note("complete", "server", await explain_ms(conn, Q.append_events, *params))
             await timed("complete", "round trip + commit", Q.append_events, *params)
 

@@ -10,6 +10,11 @@ A job missing from an append's result (the set of ids written) was moved by
 someone else first (its version moved on); the caller reloads and re-applies,
 or reports the conflict.
 
+A write's rows travel as one template row and, per job, the columns that
+differ from it (:func:`_encode_writes`): the jobs of a submission or a claim
+share most of their row, and parsing a whole row of JSON per job was a third
+to a half of every write's server time.
+
 Notifications: a write may carry one NOTIFY payload, sent once by the same
 statement (never once per job of a batch). Listeners on channel ``jobledger``
 receive a JSON object with any of ``ready`` (queues that got claimable work),
@@ -86,15 +91,6 @@ class Change(msgspec.Struct, frozen=True):
     recorded: ev.Recorded
 
 
-class _EventRow(msgspec.Struct):
-    job_id: UUID
-    version: int
-    type: str
-    data: ev.AnyEvent
-    meta: ev.Meta
-    recorded_at: Any
-
-
 @dataclass
 class Limits:
     """Size limits on what a single event may carry (encoded JSON bytes)."""
@@ -133,19 +129,6 @@ def notification(
     return _encoder.encode(payload).decode()
 
 
-def _encode_batch(changes: Sequence[Change]) -> tuple[bytes, bytes]:
-    rows = _encoder.encode([c.state for c in changes])
-    evs = []
-    for c in changes:
-        r = c.recorded
-        evs.append(_EventRow(r.job_id, r.version, r.type, r.event, r.meta, r.recorded_at))
-    events = _encoder.encode(evs)
-    limit = LIMITS.max_event_bytes
-    if len(events) > limit * max(1, len(changes)) or (len(changes) == 1 and len(events) > limit):
-        raise PayloadTooLarge(f"the {changes[0].recorded.type} event", len(events), limit)
-    return rows, events
-
-
 def _ids(value: Sequence[UUID] | None) -> set[UUID]:
     """The result of append_events or create_streams: one uuid[] row, or no row."""
     return set(value) if value is not None else set()
@@ -164,15 +147,8 @@ async def append(
     """
     if not changes:
         return set()
-    rows, events = _encode_batch(changes)
     try:
-        written = await conn.fetchval(
-            Q.append_events,
-            msgspec.Raw(rows),
-            msgspec.Raw(events),
-            notify,
-            [c.state.id for c in changes],
-        )
+        written = await conn.fetchval(Q.append_events, *_encode_writes(changes), notify)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_stream_version":
             # The row guard let it through but the log already has that
@@ -182,13 +158,13 @@ async def append(
     return _ids(written)
 
 
-class _Streams(NamedTuple):
-    """The parameters of ``create_streams`` (see sql/queries/store.sql)."""
+class _Writes(NamedTuple):
+    """The parameters of every write (``append_events``, ``create_streams``)."""
 
     template: msgspec.Raw
     ids: list[UUID]
     patches: msgspec.Raw | None
-    type: str
+    types: list[str]
     data: msgspec.Raw
     meta: msgspec.Raw
     recorded_at: list[datetime]
@@ -202,6 +178,18 @@ where ``1 == 1.0 == True`` in Python would hide a difference the column keeps.
 _JSON_INDEXES = frozenset(i for i, name in enumerate(JOB_FIELDS) if name in JSON_COLUMNS)
 
 
+_EMPTY = ([], {}, ())
+
+
+def _same_json(values: tuple[Any, ...]) -> bool:
+    """Whether every value encodes to the same JSON as the first."""
+    first = values[0]
+    if all(v is first for v in values):
+        return True
+    encoded = [_encoder.encode(v) for v in values]
+    return encoded.count(encoded[0]) == len(encoded)
+
+
 def _one_or_each(values: list[bytes]) -> msgspec.Raw:
     """One JSON value when all are the same, else a JSON array of one per job."""
     if values.count(values[0]) == len(values):
@@ -209,37 +197,33 @@ def _one_or_each(values: list[bytes]) -> msgspec.Raw:
     return msgspec.Raw(b"[" + b",".join(values) + b"]")
 
 
-def _encode_streams(changes: Sequence[Change]) -> _Streams:
-    """New jobs as one template row and, per job, only the columns that differ.
+def _encode_writes(changes: Sequence[Change]) -> _Writes:
+    """New rows as one template row and, per job, only the columns that differ.
 
-    The jobs of one submission share most of their row (operator, queue,
-    defaults, times), so the server turns one row of JSON into a record and
-    each job overlays its few own values, instead of parsing a whole row per
-    job. It is an encoding only: every row is still exactly the reducer's.
-    A column counts as shared when every job's value equals the first's, by
-    ``==`` for the scalar columns (their SQL types keep no distinction that
-    ``==`` hides) and by encoded bytes for the ``jsonb`` ones.
+    The jobs of one write share most of their row (a submission's operator,
+    queue, defaults and times; a claim's status, worker and start), so the
+    server turns one row of JSON into a record and each job overlays its few
+    own values, instead of parsing a whole row per job. It is an encoding
+    only: every row is still exactly the reducer's. A column counts as shared
+    when every job's value equals the first's, by ``==`` for the scalar
+    columns (their SQL types keep no distinction that ``==`` hides) and by
+    encoded bytes for the ``jsonb`` ones. The events' type, data, meta and
+    time go once when they are the same for all, else once per job.
     """
     n = len(changes)
     first = changes[0].recorded
-    for c in changes:
-        if c.recorded.type != ev.Submitted.tag or c.recorded.version != 1:
-            raise ValueError(
-                f"a new stream starts with job.submitted at version 1, got {c.recorded.type}"
-                f" at version {c.recorded.version} for job {c.state.id}"
-            )
     columns = list(zip(*(astuple(c.state) for c in changes), strict=True)) if n > 1 else []
     differ = []
     for i in range(1, len(columns)):  # 0 is the id, sent on its own (one job: no columns)
         col = columns[i]
-        if i in _JSON_INDEXES:
-            first_value = col[0]
-            if all(v is first_value for v in col):
-                continue
-            encoded = [_encoder.encode(v) for v in col]
-            if encoded.count(encoded[0]) == n:
-                continue
-        elif col.count(col[0]) == n:
+        if col.count(col[0]) == n and (
+            i not in _JSON_INDEXES
+            # Only None equals None, only an empty container an empty one:
+            # equal is exact for these; other JSON values are compared encoded.
+            or col[0] is None
+            or col[0] in _EMPTY
+            or _same_json(col)
+        ):
             continue
         differ.append(i)
     patches = None
@@ -259,11 +243,12 @@ def _encode_streams(changes: Sequence[Change]) -> _Streams:
     if len(largest) > limit:
         raise PayloadTooLarge(f"the {first.type} event", len(largest), limit)
     times = [c.recorded.recorded_at for c in changes]
-    return _Streams(
+    types = [c.recorded.type for c in changes]
+    return _Writes(
         template=msgspec.Raw(_encoder.encode(changes[0].state)),
         ids=[c.state.id for c in changes],
         patches=patches,
-        type=first.type,
+        types=types[:1] if types.count(types[0]) == n else types,
         data=_one_or_each(data),
         meta=_one_or_each([_encoder.encode(c.recorded.meta) for c in changes]),
         recorded_at=times[:1] if times.count(times[0]) == n else times,
@@ -284,7 +269,13 @@ async def create(
     """
     if not changes:
         return set()
-    params = _encode_streams(changes)
+    for c in changes:
+        if c.recorded.type != ev.Submitted.tag or c.recorded.version != 1:
+            raise ValueError(
+                f"a new stream starts with job.submitted at version 1, got {c.recorded.type}"
+                f" at version {c.recorded.version} for job {c.state.id}"
+            )
+    params = _encode_writes(changes)
     if any(c.state.idempotency_key is not None for c in changes):
         return _ids(await conn.fetchval(Q.create_streams, *params, notify))
     count = await conn.fetchval(Q.create_streams_plain, *params, notify)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import asyncpg
 import msgspec
 import pytest
 
-from engine import JobLedger
+from engine import JobLedger, store
+from engine import events as ev
 from engine.postgres import connect
 from projections.replay import verify_jobs
 from tests.operators import register_basic
@@ -50,6 +53,52 @@ async def test_the_version_guard_rejects_a_stale_write(ledger: JobLedger, db: st
         assert err.value.constraint_name == "events_stream_version"
     finally:
         await conn.close()
+
+
+async def test_one_append_writes_each_jobs_own_event_and_row(ledger: JobLedger, db: str) -> None:
+    # One append of jobs at different versions, with events of different types,
+    # data, metas and times (sent once per job, against a template row and each
+    # job's differing columns), and one stale change, which is left out alone.
+    jobs = await ledger.submit_many(
+        [{"operator": "noop", "inputs": {"n": n}, "label": f"j{n}"} for n in (1, 1.0, 2, 3)]
+    )
+    a, b, c, stale = jobs
+    await ledger.mark_running(b.id, worker="w1")
+    await ledger.mark_running(c.id, worker="w2")
+    await ledger.report_progress(c.id, fraction=0.5)
+    at = datetime.now(UTC)
+    states = {j.id: await ledger.get(j.id) for j in jobs}
+    changes = [
+        ledger.make_change(states[a.id], ev.Pinned(pinned=True), actor="ana", at=at),
+        ledger.make_change(
+            states[b.id], ev.Completed(result={"n": 1.0}), worker="w1", correlation_id="x/1"
+        ),
+        ledger.make_change(
+            states[c.id],
+            ev.Failed(error=ev.ErrorInfo(type="OSError", message="disk")),
+            reason="io",
+            at=at + timedelta(seconds=1),
+        ),
+        ledger.make_change(
+            msgspec.structs.replace(states[stale.id], version=0), ev.Pinned(pinned=True)
+        ),
+    ]
+    conn = await connect(db)
+    try:
+        assert await store.append(conn, changes) == {a.id, b.id, c.id}
+    finally:
+        await conn.close()
+    for change in changes[:3]:
+        assert await ledger.get(change.state.id) == change.state
+        rec = (await ledger.history(change.state.id))[-1]
+        assert (rec.version, rec.type, rec.event) == (
+            change.recorded.version,
+            change.recorded.type,
+            change.recorded.event,
+        )
+        assert (rec.meta, rec.recorded_at) == (change.recorded.meta, change.recorded.recorded_at)
+    assert type((await ledger.get(b.id)).result["n"]) is float
+    assert await ledger.get(stale.id) == stale and len(await ledger.history(stale.id)) == 1
 
 
 async def test_verify_finds_a_tampered_projection(ledger: JobLedger, db: str) -> None:

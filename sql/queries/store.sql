@@ -1,8 +1,10 @@
 -- name: append_events
 -- Append one event to each of several existing streams and write each job's
--- new row, in one statement. $1: the new rows (JSON array, computed by the
--- reducer); $2: the events (job_id, version, type, data, meta, recorded_at);
--- $3: a NOTIFY payload or NULL; $4: the jobs' ids.
+-- new row, in one statement. The parameters are those of create_streams
+-- (below): $1 a template row, $2 the jobs' ids, $3 NULL or each job's columns
+-- that differ from the template, $4 to $7 the events' types, data, meta and
+-- times (each one shared or one per job), $8 a NOTIFY payload or NULL. The
+-- event's version is its job's new row's.
 --
 -- The UPDATE is guarded by the version the writer read (the new version - 1):
 -- a job that another writer moved first matches no row, so its event is not
@@ -12,38 +14,52 @@
 -- The result is one row, the ids of the jobs written, or no row at all when
 -- none was: the uncorrelated sub-select (the NOTIFY) runs once, and only when
 -- that row is produced.
-WITH s AS (
-    SELECT * FROM jsonb_populate_recordset(NULL::jobledger.jobs, $1::jsonb)
+WITH t AS MATERIALIZED (
+    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
+),
+s AS (
+    SELECT u.n, u.id,
+           x.version, x.operator, x.label, x.description, x.queue, x.status,
+           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
+           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
+           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
+           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
+           x.status_message, x.idempotency_key, x.created_at, x.started_at,
+           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
+    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
+         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
 ),
 moved AS (
     UPDATE jobledger.jobs AS j
-    SET (version, operator, label, description, queue, status, priority, inputs, context,
-         tags, pinned, owner, parent_id, attempt, max_attempts, restart_policy,
-         retry_backoff, retry_backoff_max, run, run_at, timeout, progress, result, error,
-         artifacts, worker, run_link, status_reason, status_message, idempotency_key,
-         created_at, started_at, finished_at, updated_at, status_changed_at, deleted_at)
+    SET (version, operator, label, description, queue, status, priority, inputs,
+         context, tags, pinned, owner, parent_id, attempt, max_attempts,
+         restart_policy, retry_backoff, retry_backoff_max, run, run_at, timeout,
+         progress, result, error, artifacts, worker, run_link, status_reason,
+         status_message, idempotency_key, created_at, started_at, finished_at,
+         updated_at, status_changed_at, deleted_at)
       = (s.version, s.operator, s.label, s.description, s.queue, s.status, s.priority,
          s.inputs, s.context, s.tags, s.pinned, s.owner, s.parent_id, s.attempt,
          s.max_attempts, s.restart_policy, s.retry_backoff, s.retry_backoff_max, s.run,
          s.run_at, s.timeout, s.progress, s.result, s.error, s.artifacts, s.worker,
-         s.run_link, s.status_reason, s.status_message, s.idempotency_key, s.created_at,
-         s.started_at, s.finished_at, s.updated_at, s.status_changed_at, s.deleted_at)
+         s.run_link, s.status_reason, s.status_message, s.idempotency_key,
+         s.created_at, s.started_at, s.finished_at, s.updated_at, s.status_changed_at,
+         s.deleted_at)
     FROM s
-    WHERE j.id = ANY($4::uuid[]) AND j.id = s.id AND j.version = s.version - 1
-    RETURNING j.id
+    WHERE j.id = ANY($2::uuid[]) AND j.id = s.id AND j.version = s.version - 1
+    RETURNING j.id, j.version, s.n
 ),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT e.job_id, e.version, e.type, e.data, e.meta, e.recorded_at
-    FROM jsonb_to_recordset($2::jsonb)
-         AS e(job_id uuid, version integer, type text, data jsonb, meta jsonb,
-              recorded_at timestamptz)
-    JOIN moved ON moved.id = e.job_id
+    SELECT m.id, m.version, coalesce(($4::text[])[m.n], ($4::text[])[1]),
+           coalesce($5::jsonb -> (m.n::int - 1), $5::jsonb),
+           coalesce($6::jsonb -> (m.n::int - 1), $6::jsonb),
+           coalesce(($7::timestamptz[])[m.n], ($7::timestamptz[])[1])
+    FROM moved AS m
     RETURNING job_id
 )
 SELECT array_agg(ins.job_id),
-       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $3::text)
-                              WHERE $3::text IS NOT NULL) AS n) AS notified
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $8::text)
+                              WHERE $8::text IS NOT NULL) AS n) AS notified
 FROM ins
 HAVING count(*) > 0;
 
@@ -54,14 +70,15 @@ HAVING count(*) > 0;
 -- the existing job by its key.
 --
 -- The rows come as one template and what each job changes in it (see
--- store._encode_streams): jobs of one submission share most of their row, and
+-- store._encode_writes): jobs of one submission share most of their row, and
 -- turning a whole row of JSON into a record for every job was half of the
 -- statement's server time. $1: the template row (the reducer's first row, as
 -- JSON); $2: the jobs' ids; $3: NULL when the rows differ only in their ids,
 -- else a JSON array of one object per job holding the columns that differ
--- (keys absent keep the template's value); $4: the events' type; $5 and $6:
--- the events' data and meta, each one object shared by all or an array of one
--- per job; $7: the event times, one shared or one per job; $8: a NOTIFY
+-- (keys absent keep the template's value); $4 to $7: the events' types,
+-- data, meta and times, each one shared by all or one per job (arrays of
+-- one or of n; data and meta, always objects, as one object or an array of
+-- objects); $8: a NOTIFY
 -- payload or NULL. As in append_events: one row of the ids stored, or none
 -- (and no NOTIFY).
 WITH t AS MATERIALIZED (
@@ -84,7 +101,8 @@ created AS (
 ),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT u.id, 1, $4::text, coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
+    SELECT u.id, 1, coalesce(($4::text[])[u.n], ($4::text[])[1]),
+           coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
            coalesce($6::jsonb -> (u.n::int - 1), $6::jsonb),
            coalesce(($7::timestamptz[])[u.n], ($7::timestamptz[])[1])
     FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
@@ -121,7 +139,8 @@ created AS (
 ),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT u.id, 1, $4::text, coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
+    SELECT u.id, 1, coalesce(($4::text[])[u.n], ($4::text[])[1]),
+           coalesce($5::jsonb -> (u.n::int - 1), $5::jsonb),
            coalesce($6::jsonb -> (u.n::int - 1), $6::jsonb),
            coalesce(($7::timestamptz[])[u.n], ($7::timestamptz[])[1])
     FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
