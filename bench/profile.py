@@ -63,8 +63,9 @@ async def main_async(args: argparse.Namespace) -> None:
             # submit_many
             t = time.perf_counter()
             at = utcnow()
+            op, meta = await ledger._operator_defaults("noop"), ev.Meta(actor=ledger.actor)
             changes = [
-                await ledger._submission(_spec(i, {"operator": "noop"}), at, None, None)
+                ledger._submission(_spec(i, {"operator": "noop"}), op, at, meta)
                 for i in range(size)
             ]
             params = (*store._encode_writes(changes), None)

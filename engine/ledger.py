@@ -472,7 +472,14 @@ class JobLedger:
         if not items:
             return []
         at = utcnow()
-        changes = [await self._submission(spec, at, actor, reason) for spec in items]
+        meta = ev.Meta(actor=actor or self.actor, reason=reason)
+        ops: dict[str, Operator | OperatorInfo] = {}
+        changes = []
+        for spec in items:  # in order: the first bad item is the one reported
+            op = ops.get(spec.operator)
+            if op is None:
+                op = ops[spec.operator] = await self._operator_defaults(spec.operator)
+            changes.append(self._submission(spec, op, at, meta))
         await self._check_parents(items)
         stored = await store.create(
             self.pool, changes, notify=store.notification((None, c.state) for c in changes)
@@ -505,10 +512,9 @@ class JobLedger:
             if found[pid].deleted:
                 raise ValueError(f"parent_id: job {pid} was deleted")
 
-    async def _submission(
-        self, spec: JobSpec, at: datetime, actor: str | None, reason: str | None
+    def _submission(
+        self, spec: JobSpec, op: Operator | OperatorInfo, at: datetime, meta: ev.Meta
     ) -> Change:
-        op = await self._operator_defaults(spec.operator)
         if isinstance(op, Operator):
             inputs = op.validate_inputs(spec.inputs)
             queue, timeout = op.queue, op.timeout
@@ -565,7 +571,7 @@ class JobLedger:
             version=1,
             event=event,
             recorded_at=at,
-            meta=ev.Meta(actor=actor or self.actor, reason=reason),
+            meta=meta,
         )
         return Change(apply(None, rec), rec)
 

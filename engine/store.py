@@ -190,6 +190,14 @@ def _same_json(values: tuple[Any, ...]) -> bool:
     return encoded.count(encoded[0]) == len(encoded)
 
 
+def _encoded_once(values: list[Any]) -> list[bytes]:
+    """Each value encoded; one encoding when every value is the same object."""
+    first = values[0]
+    if all(v is first for v in values):
+        return [_encoder.encode(first)]
+    return [_encoder.encode(v) for v in values]
+
+
 def _one_or_each(values: list[bytes]) -> msgspec.Raw:
     """One JSON value when all are the same, else a JSON array of one per job."""
     if values.count(values[0]) == len(values):
@@ -250,7 +258,7 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         patches=patches,
         types=types[:1] if types.count(types[0]) == n else types,
         data=_one_or_each(data),
-        meta=_one_or_each([_encoder.encode(c.recorded.meta) for c in changes]),
+        meta=_one_or_each(_encoded_once([c.recorded.meta for c in changes])),
         recorded_at=times[:1] if times.count(times[0]) == n else times,
     )
 
