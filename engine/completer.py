@@ -132,7 +132,12 @@ class Completer:
         reason: str | None = None,
         message: str | None = None,
     ) -> Job | None:
-        """Append ``event`` for ``hold``; the new state, or ``None`` when fenced off."""
+        """Append ``event`` for ``hold``; the new state, or ``None`` when fenced off.
+
+        An event over the size limit raises :class:`PayloadTooLarge` here,
+        before it joins a batch, and nothing is written.
+        """
+        store.check_size(event)
         item = _Pending(hold, event, reason, message, self._batch_done)
         self._queue.append(item)
         self._wake.set()

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from engine import events as ev
+from engine import store
 from engine.completer import Completer, Hold
 from engine.ledger import progress_event
 from projections.job_state import Job
@@ -63,7 +64,11 @@ class JobContext:
         iteration: int | None = None,
         metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Report progress: a fraction in 0..1, a message, an iteration, named metrics."""
+        """Report progress: a fraction in 0..1, a message, an iteration, named metrics.
+
+        Raises :class:`PayloadTooLarge` when the report (merged with what is
+        pending) is too large to store; the pending report is then kept as it was.
+        """
         new = progress_event(fraction, message, iteration, metrics)
         old = self._pending
         if old is not None:
@@ -73,6 +78,7 @@ class JobContext:
                 iteration=new.iteration if new.iteration is not None else old.iteration,
                 metrics={**old.metrics, **new.metrics},
             )
+        store.check_size(new)  # raised here, to the handler, even when coalesced
         self._pending = new
         if time.monotonic() - self._last_write >= self._interval:
             await self.flush()

@@ -129,6 +129,18 @@ def notification(
     return _encoder.encode(payload).decode()
 
 
+def check_size(event: ev.Event) -> None:
+    """Raise :class:`PayloadTooLarge` if ``event`` is over :data:`LIMITS` encoded.
+
+    Every write checks its events; writers that batch several callers' events
+    (the completer) check each one first, so one caller's oversized event is
+    refused to that caller instead of failing everyone's batch.
+    """
+    size = len(_encoder.encode(event))
+    if size > LIMITS.max_event_bytes:
+        raise PayloadTooLarge(f"the {event.tag} event", size, LIMITS.max_event_bytes)
+
+
 def _ids(value: Sequence[UUID] | None) -> set[UUID]:
     """The result of append_events or create_streams: one uuid[] row, or no row."""
     return set(value) if value is not None else set()
@@ -219,7 +231,6 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
     time go once when they are the same for all, else once per job.
     """
     n = len(changes)
-    first = changes[0].recorded
     columns = list(zip(*(astuple(c.state) for c in changes), strict=True)) if n > 1 else []
     differ = []
     for i in range(1, len(columns)):  # 0 is the id, sent on its own (one job: no columns)
@@ -247,9 +258,12 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         )
     data = [_encoder.encode(c.recorded.event) for c in changes]
     limit = LIMITS.max_event_bytes
-    largest = max(data, key=len)
-    if len(largest) > limit:
-        raise PayloadTooLarge(f"the {first.type} event", len(largest), limit)
+    if max(map(len, data)) > limit:
+        i = next(i for i, d in enumerate(data) if len(d) > limit)
+        what = f"the {changes[i].recorded.type} event"
+        if n > 1:
+            what += f" of item {i} of {n} (job {changes[i].state.id})"
+        raise PayloadTooLarge(what, len(data[i]), limit)
     times = [c.recorded.recorded_at for c in changes]
     types = [c.recorded.type for c in changes]
     return _Writes(

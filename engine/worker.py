@@ -67,7 +67,7 @@ from engine import events as ev
 from engine import lifecycle, store
 from engine.completer import Completer, Hold
 from engine.context import JobContext
-from engine.errors import Cancel, InvalidInputs, JobNotFound, RetryAfter
+from engine.errors import Cancel, InvalidInputs, JobNotFound, PayloadTooLarge, RetryAfter
 from engine.ledger import as_job_id, error_info, utcnow
 from engine.notifications import Notice
 from engine.postgres import DB_ERRORS, retry_dropped
@@ -421,7 +421,11 @@ class Worker:
                 if hold.cancel_reason == "lost":
                     return
                 async with hold.lock:
-                    new = await self.completer.write(hold, outcome, reason=reason)
+                    try:
+                        new = await self.completer.write(hold, outcome, reason=reason)
+                    except PayloadTooLarge as exc:  # refused before anything was written
+                        outcome, reason = _too_large(hold.state, outcome, exc)
+                        new = await self.completer.write(hold, outcome, reason=reason)
             except asyncio.CancelledError:
                 if not hold.write_overdue:
                     raise
@@ -597,3 +601,15 @@ class Worker:
             await self._wait_jobs()
             tg.cancel_scope.cancel()
         return await self.ledger.get(jid, include_deleted=True)
+
+
+def _too_large(job: Job, outcome: ev.Event, exc: PayloadTooLarge) -> tuple[ev.Event, str]:
+    """The failure recorded when a handler's outcome is too large to store: the
+    result (or the error, whose type and the start of whose message are kept)
+    is dropped and the job fails as if the handler had raised, retried as its
+    policy says."""
+    error = error_info(exc)
+    if isinstance(outcome, ev.Failed):
+        message = f"{exc}; the handler's {outcome.error.type}: {outcome.error.message[:500]}"
+        error = ev.ErrorInfo(type=error.type, message=message)
+    return ev.Failed(error=error, retry_at=retry_at(job, utcnow())), "outcome too large to store"

@@ -162,6 +162,9 @@ async def test_non_json_and_oversized_payloads(ledger: JobLedger, monkeypatch) -
     monkeypatch.setattr(LIMITS, "max_event_bytes", 2000)
     with pytest.raises(PayloadTooLarge, match="over the limit of 2000 bytes"):
         await ledger.submit("noop", {"blob": "x" * 5000})
+    big = [{"operator": "noop"}, {"operator": "noop", "inputs": {"blob": "x" * 5000}}]
+    with pytest.raises(PayloadTooLarge, match=r"job\.submitted event of item 1 of 2 \(job "):
+        await ledger.submit_many(big)
     assert await ledger.count() == 0
 
 

@@ -9,8 +9,9 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from engine import Cancel, JobContext, JobLedger, RetryAfter, Worker
+from engine import Cancel, JobContext, JobLedger, PayloadTooLarge, RetryAfter, Worker
 from engine.rescuer import rescue
+from engine.store import LIMITS
 from projections.job_state import Job
 
 FAST = {"heartbeat_interval": 0.1, "poll_interval": 0.2, "progress_interval": 0.05}
@@ -57,6 +58,21 @@ def register_operators(ledger: JobLedger) -> None:
         await ctx.add_artifact("model", "s3://m/1", type="onnx", size=10, hash="sha256:ab")
         return inputs.n
 
+    @ledger.operator("sized")
+    async def sized(ctx: JobContext, inputs: Steps) -> str:
+        # n: 1 returns a big result, 2 raises a big error, 3 reports big progress.
+        if inputs.n == 1:
+            return "x" * 5000
+        if inputs.n == 2:
+            raise ValueError("y" * 5000)
+        if inputs.n == 3:
+            await ctx.progress(message="written")  # the next one is coalesced, not written yet
+            try:
+                await ctx.progress(message="z" * 5000)
+            except PayloadTooLarge as exc:
+                return f"refused: {exc.size} bytes"
+        return "small"
+
     @ledger.operator("gated", max_attempts=2, retry_backoff=0.01)
     async def gated(ctx: JobContext) -> str:
         await gate[ctx.job.label].wait()
@@ -90,6 +106,31 @@ async def test_failures_retry_with_backoff_then_succeed(ledger: JobLedger) -> No
     assert "ConnectionError" in run.attempts[0].error.traceback
     failed = [r for r in await ledger.history(job.id) if r.type == "job.failed"]
     assert all(r.event.retry_at > r.recorded_at for r in failed)  # backoff, not immediate
+
+
+async def test_an_outcome_too_large_to_store_fails_only_its_own_job(
+    ledger: JobLedger, monkeypatch
+) -> None:
+    # The completer writes outcomes in batches; an event over the limit is
+    # refused to its own caller before it joins one, so the other jobs of the
+    # batch are written, and the job whose outcome was refused fails.
+    monkeypatch.setattr(LIMITS, "max_event_bytes", 4000)
+    jobs = await ledger.submit_many(
+        [{"operator": "sized", "inputs": {"n": n}} for n in (1, 2, 3, 4, 4, 4)]
+    )
+    async with running(ledger, concurrency=6):
+        done = [await ledger.wait(j.id, timeout=10) for j in jobs]
+    big_result, big_error, big_progress, *small = done
+    assert big_result.status == "failed" and big_result.error.type == "PayloadTooLarge"
+    assert "job.completed event is" in big_result.error.message
+    assert big_result.status_reason == "outcome too large to store"
+    assert big_error.status == "failed" and big_error.error.type == "PayloadTooLarge"
+    assert "the handler's ValueError: yyy" in big_error.error.message
+    assert big_progress.status == "completed"
+    assert big_progress.result.startswith("refused: ")
+    assert big_progress.progress.message == "written"
+    assert [j.status for j in small] == ["completed"] * 3
+    assert all(j.result == "small" for j in small)
 
 
 async def test_attempts_exhausted_fail_the_job(ledger: JobLedger) -> None:
