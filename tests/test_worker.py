@@ -252,17 +252,20 @@ async def test_a_rescued_job_cannot_be_completed_by_its_old_worker(
     job = await ledger.submit("gated", label="fenced")
     async with running(ledger, concurrency=1, register=True) as a:
         await ledger.wait(job.id, until="running", timeout=5)
-        # A stops heartbeating (as if paused): age its heartbeat, then rescue.
+        # A stops heartbeating (as if paused): silence it, let the beat already
+        # due (at most one interval away) go by, then age its heartbeat and
+        # rescue. Aged first, that last beat could land between the two.
+        a.heartbeat_interval = 3600
+        # Nor does it take new work: once its refused write frees its slot
+        # it would race B for the requeued attempt (and sometimes win).
+        a.concurrency = 0
+        await anyio.sleep(FAST["heartbeat_interval"] * 3)
         async with ledger.pool.acquire() as conn:
             await conn.execute(
                 "UPDATE jobledger.workers SET last_heartbeat = now() - interval '1 hour'"
                 " WHERE id = $1",
                 a.id,
             )
-            a.heartbeat_interval = 3600  # keep it silent
-            # Nor does it take new work: once its refused write frees its slot
-            # it would race B for the requeued attempt (and sometimes win).
-            a.concurrency = 0
         assert await rescue(ledger, rescue_after=60) == 1
         rescued = await ledger.get(job.id)
         assert rescued.status in ("queued", "scheduled") and rescued.error.type == "abandoned"
