@@ -59,7 +59,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -176,10 +175,7 @@ class _Writes(NamedTuple):
     template: msgspec.Raw
     ids: list[UUID]
     patches: msgspec.Raw | None
-    types: list[str]
-    data: msgspec.Raw
-    meta: msgspec.Raw
-    recorded_at: list[datetime]
+    events: msgspec.Raw
 
 
 JSON_COLUMNS = frozenset({"inputs", "context", "progress", "result", "error", "artifacts"})
@@ -228,7 +224,8 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
     when every job's value equals the first's, by ``==`` for the scalar
     columns (their SQL types keep no distinction that ``==`` hides) and by
     encoded bytes for the ``jsonb`` ones. The events' type, data, meta and
-    time go once when they are the same for all, else once per job.
+    time go once when they are the same for all, else once per job, in one
+    JSON parameter (each array parameter costs the client ~3 us to encode).
     """
     n = len(changes)
     columns = list(zip(*(astuple(c.state) for c in changes), strict=True)) if n > 1 else []
@@ -266,14 +263,17 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         raise PayloadTooLarge(what, len(data[i]), limit)
     times = [c.recorded.recorded_at for c in changes]
     types = [c.recorded.type for c in changes]
+    events = {
+        "type": types[0] if types.count(types[0]) == n else types,
+        "data": _one_or_each(data),
+        "meta": _one_or_each(_encoded_once([c.recorded.meta for c in changes])),
+        "at": times[0] if times.count(times[0]) == n else times,
+    }
     return _Writes(
         template=msgspec.Raw(_encoder.encode(changes[0].state)),
         ids=[c.state.id for c in changes],
         patches=patches,
-        types=types[:1] if types.count(types[0]) == n else types,
-        data=_one_or_each(data),
-        meta=_one_or_each(_encoded_once([c.recorded.meta for c in changes])),
-        recorded_at=times[:1] if times.count(times[0]) == n else times,
+        events=msgspec.Raw(_encoder.encode(events)),
     )
 
 
