@@ -30,6 +30,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,6 +39,7 @@ import structlog
 
 from engine import events as ev
 from engine import lifecycle, store
+from engine.ledger import utcnow
 from engine.postgres import DB_ERRORS
 from engine.sqlfiles import Q
 from engine.store import Change
@@ -202,9 +204,13 @@ class Completer:
 
     async def _write_many(self, items: list[_Pending], resolved: set[_Pending]) -> None:
         pending: list[tuple[_Pending, Change, str]] = []
+        # One statement, one moment and one correlation id: the batch's events
+        # share their time and meta (each job's write is still told apart by
+        # its version), so the write sends them once (see store._encode_writes).
+        cid, at = self._next_cid(), utcnow()
         for item in items:
             try:
-                change, cid = self._change(item)
+                change, cid = self._change(item, cid, at)
             except Exception as exc:  # a lifecycle or encoding error belongs to that caller
                 item.error = exc
                 resolved.add(item)
@@ -231,9 +237,14 @@ class Completer:
                 await self._resolve(item, change, cid)
             resolved.add(item)
 
-    def _change(self, item: _Pending) -> tuple[Change, str]:
-        # Unique per write: a random prefix per completer and a serial number.
-        cid = f"{self._cid_prefix}/{next(self._serial)}"
+    def _next_cid(self) -> str:
+        """A correlation id unique per write: a random prefix per completer and a serial."""
+        return f"{self._cid_prefix}/{next(self._serial)}"
+
+    def _change(
+        self, item: _Pending, cid: str | None = None, at: datetime | None = None
+    ) -> tuple[Change, str]:
+        cid = cid or self._next_cid()
         change = self.ledger.make_change(
             item.hold.state,
             item.event,
@@ -241,6 +252,7 @@ class Completer:
             reason=item.reason,
             message=item.message,
             worker=self.worker,
+            at=at,
             correlation_id=cid,
         )
         return change, cid
