@@ -189,28 +189,23 @@ _JSON_INDEXES = frozenset(i for i, name in enumerate(JOB_FIELDS) if name in JSON
 _EMPTY = ([], {}, ())
 
 
-def _same_json(values: tuple[Any, ...]) -> bool:
+def _encoded_once(values: Sequence[Any]) -> list[msgspec.Raw]:
+    """Each value as encoded JSON; one encoding when every value is the same object."""
+    first = values[0]
+    if all(v is first for v in values):
+        return [msgspec.Raw(_encoder.encode(first))]
+    return [msgspec.Raw(_encoder.encode(v)) for v in values]
+
+
+def _one_or_each(values: list[Any]) -> Any:
+    """The one value when all are equal, else the list of them, one per job."""
+    return values[0] if values.count(values[0]) == len(values) else values
+
+
+def _same_json(values: Sequence[Any]) -> bool:
     """Whether every value encodes to the same JSON as the first."""
-    first = values[0]
-    if all(v is first for v in values):
-        return True
-    encoded = [_encoder.encode(v) for v in values]
+    encoded = _encoded_once(values)
     return encoded.count(encoded[0]) == len(encoded)
-
-
-def _encoded_once(values: list[Any]) -> list[bytes]:
-    """Each value encoded; one encoding when every value is the same object."""
-    first = values[0]
-    if all(v is first for v in values):
-        return [_encoder.encode(first)]
-    return [_encoder.encode(v) for v in values]
-
-
-def _one_or_each(values: list[bytes]) -> msgspec.Raw:
-    """One JSON value when all are the same, else a JSON array of one per job."""
-    if values.count(values[0]) == len(values):
-        return msgspec.Raw(values[0])
-    return msgspec.Raw(b"[" + b",".join(values) + b"]")
 
 
 def _encode_writes(changes: Sequence[Change]) -> _Writes:
@@ -253,7 +248,7 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
                 ]
             )
         )
-    data = [_encoder.encode(c.recorded.event) for c in changes]
+    data = [msgspec.Raw(_encoder.encode(c.recorded.event)) for c in changes]
     limit = LIMITS.max_event_bytes
     if max(map(len, data)) > limit:
         i = next(i for i, d in enumerate(data) if len(d) > limit)
@@ -261,13 +256,11 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         if n > 1:
             what += f" of item {i} of {n} (job {changes[i].state.id})"
         raise PayloadTooLarge(what, len(data[i]), limit)
-    times = [c.recorded.recorded_at for c in changes]
-    types = [c.recorded.type for c in changes]
     events = {
-        "type": types[0] if types.count(types[0]) == n else types,
+        "type": _one_or_each([c.recorded.type for c in changes]),
         "data": _one_or_each(data),
         "meta": _one_or_each(_encoded_once([c.recorded.meta for c in changes])),
-        "at": times[0] if times.count(times[0]) == n else times,
+        "at": _one_or_each([c.recorded.recorded_at for c in changes]),
     }
     return _Writes(
         template=msgspec.Raw(_encoder.encode(changes[0].state)),
