@@ -4,12 +4,13 @@ Data is made the way users make it: ``submit_many`` in batches, then bulk
 transitions (``transition_many``) starting and completing a share of the jobs.
 Then:
 
-* rebuild of the ``jobs`` projection and of the report projection from the
-  whole log (events/s);
+* rebuild of the ``jobs`` projection (in the processes it chooses, and in one,
+  alternating) and of the report projection from the whole log (events/s);
 * ``list`` with a status + operator filter, ``count`` with the same filter,
   and ``list`` with a context filter, over all the jobs (p50/p95 ms).
 
     python -m bench.projections [--jobs 1000000] [--finished 100000] [--queries 200]
+        [--rounds 3] [--processes N]
 """
 
 from __future__ import annotations
@@ -82,9 +83,13 @@ async def main_async(args: argparse.Namespace) -> None:
             await ledger.pool.execute("VACUUM ANALYZE jobledger.events")
             events = await ledger.pool.fetchval("SELECT count(*) FROM jobledger.events")
 
-            t = time.perf_counter()
-            await rebuild_jobs(ledger.pool)
-            jobs_rate = events / (time.perf_counter() - t)
+            serial: list[float] = []
+            parallel: list[float] = []
+            for _ in range(args.rounds):  # alternating, one process and then several
+                for processes, rates in ((1, serial), (args.processes, parallel)):
+                    t = time.perf_counter()
+                    await rebuild_jobs(ledger.pool, dsn=dsn, processes=processes)
+                    rates.append(events / (time.perf_counter() - t))
             t = time.perf_counter()
             await rebuild_projection(ledger.pool, ReportProjection())
             report_rate = events / (time.perf_counter() - t)
@@ -104,7 +109,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 args.queries,
             )
     print(f"log: {events:,} events, {args.jobs:,} jobs")
-    print(f"rebuild jobs projection:   {jobs_rate:,.0f} events/s")
+    print(
+        f"rebuild jobs projection:   {statistics.median(parallel):,.0f} events/s"
+        f" ({_processes(args.processes, events)}; rounds {_rates(parallel)})"
+    )
+    ratio = statistics.median(parallel) / statistics.median(serial)
+    print(
+        f"  in one process:          {statistics.median(serial):,.0f} events/s"
+        f" (rounds {_rates(serial)}; {ratio:.2f}x)"
+    )
     print(f"rebuild report projection: {report_rate:,.0f} events/s")
     for name, xs in (
         ("list status+operator, limit 50", lst),
@@ -117,11 +130,25 @@ async def main_async(args: argparse.Namespace) -> None:
         )
 
 
+def _rates(xs: list[float]) -> str:
+    return ", ".join(f"{x:,.0f}" for x in xs)
+
+
+def _processes(processes: int | None, events: int) -> str:
+    from projections.rebuild import _processes as choose
+
+    return f"{choose(processes, 'dsn', events)} processes"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=1_000_000)
     p.add_argument("--finished", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3, help="jobs rebuilds, each way (alternating)")
+    p.add_argument(
+        "--processes", type=int, default=None, help="for the rebuild (default: it chooses)"
+    )
     quiet()
     anyio.run(main_async, p.parse_args())
 

@@ -100,6 +100,17 @@ def csv_list(text: str) -> list[str]:
     return [p for p in (s.strip() for s in text.split(",")) if p]
 
 
+def _positive_int(text: str) -> int:
+    """An argument that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def status_list(text: str) -> list[str]:
     """Comma-separated statuses, checked."""
     try:
@@ -467,7 +478,9 @@ async def cmd_projections(ledger: JobLedger, args: argparse.Namespace, console: 
                 bar.update(task, completed=done, total=total)
 
             if name == "jobs":
-                n = await rebuild_jobs(ledger.pool, progress=tick)
+                n = await rebuild_jobs(
+                    ledger.pool, progress=tick, dsn=ledger.dsn, processes=args.processes
+                )
             else:
                 n = await rebuild_projection(ledger.pool, projs[name], progress=tick)
         console.print(f"{name}: rebuilt from {n} events")
@@ -737,6 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = psub.add_parser("rebuild", help="rebuild a projection from the log")
     q.add_argument("name", nargs="?", help="jobs or reports")
     q.add_argument("--all", action="store_true")
+    q.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        help="processes folding the log for jobs (default: one per CPU, at most 4,"
+        " one per 100,000 events)",
+    )
     q = psub.add_parser("run", help="run the async projections (catch up, then tail)")
     q.add_argument("--poll", type=float, default=0.5)
 

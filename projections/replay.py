@@ -64,7 +64,9 @@ Folded = tuple[UUID, Job | None, Exception | None]
 """A stream folded: the job's id, its state, and the error that stopped its replay."""
 
 
-async def fold_log(conn: Any, batch_size: int = BATCH) -> AsyncIterator[tuple[int, list[Folded]]]:
+async def fold_log(
+    conn: Any, batch_size: int = BATCH, query: str | None = None, *args: Any
+) -> AsyncIterator[tuple[int, list[Folded]]]:
     """Fold every stream of the log through the reducer, a fetched batch at a time.
 
     Yields, per batch, how many events it read and the streams it finished, in
@@ -73,14 +75,16 @@ async def fold_log(conn: Any, batch_size: int = BATCH) -> AsyncIterator[tuple[in
     is not folded further. Each batch is folded in one synchronous loop (an
     async step per event cost ~9% of a rebuild's time). Must run inside a transaction
     on ``conn`` (it reads through a cursor); the caller may use ``conn`` between
-    batches. Verify and the ``jobs`` rebuild both fold the log here.
+    batches. Verify and the ``jobs`` rebuild both fold the log here. ``query``
+    (with ``args``) reads only some streams, whole and in the same order: a
+    part of a rebuild in several processes.
     """
     from engine.sqlfiles import Q
 
     current: UUID | None = None
     state: Job | None = None
     error: Exception | None = None
-    cursor = await conn.cursor(Q.stream_all_events)
+    cursor = await conn.cursor(query or Q.stream_all_events, *args)
     while batch := await cursor.fetch(batch_size):
         finished: list[Folded] = []
         for row in batch:

@@ -234,6 +234,13 @@ async def test_verify_exits_1_on_a_difference(ledger: JobLedger, db: str) -> Non
         assert code == 0 and "jobs: rebuilt from 1 events" in out
         code, out, _ = await cli(db, "verify")
         assert code == 0
+        await conn.execute("UPDATE jobledger.jobs SET priority = 8")
+        code, out, _ = await cli(db, "projections", "rebuild", "jobs", "--processes", "2")
+        assert code == 0 and "jobs: rebuilt from 1 events" in out
+        code, out, _ = await cli(db, "verify")
+        assert code == 0
+        code, _, err = await cli(db, "projections", "rebuild", "jobs", "--processes", "0")
+        assert code == 2 and "--processes: expected a positive whole number, got '0'" in err
     finally:
         await conn.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
 from uuid import UUID
 
 import anyio
@@ -173,7 +174,10 @@ async def test_two_runners_at_once_share_the_work(ledger: JobLedger, db: str) ->
     assert await verify_all(ledger.pool) == []
 
 
-async def test_rebuilds_reproduce_the_projections(ledger: JobLedger, db: str) -> None:
+@pytest.mark.parametrize("processes", [1, 3])
+async def test_rebuilds_reproduce_the_projections(
+    ledger: JobLedger, db: str, processes: int
+) -> None:
     jobs = await ledger.submit_many([{"operator": "noop", "tags": ["x"]}] * 30)
     for j in jobs[:12]:
         await ledger.mark_running(j.id)
@@ -195,8 +199,9 @@ async def test_rebuilds_reproduce_the_projections(ledger: JobLedger, db: str) ->
     def progress(done: int, total: int) -> None:
         seen.append((done, total))
 
-    assert await rebuild_jobs(ledger.pool, progress=progress) == 30 + 24
+    assert await rebuild_jobs(ledger.pool, progress=progress, dsn=db, processes=processes) == 54
     assert seen[-1] == (54, 54)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert await rebuild_projection(ledger.pool, reports.ReportProjection(), batch_size=7) == 54
     assert await verify_all(ledger.pool) == []
     after = await ledger.report(
@@ -298,8 +303,9 @@ async def _jobs_table(conn) -> tuple[list[tuple[str, str]], object, object]:
     return [tuple(r) for r in indexes], options, acl
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
-    ledger: JobLedger, db: str
+    ledger: JobLedger, db: str, processes: int
 ) -> None:
     jobs = await ledger.submit_many(
         [{"operator": "noop", "tags": ["t"], "context": {"k": i}} for i in range(20)]
@@ -314,7 +320,7 @@ async def test_a_jobs_rebuild_keeps_the_tables_indexes_options_and_grants(
         before = await _jobs_table(conn)
         table = await _jobs_oid(conn)
         listed = await ledger.list(status="queued", limit=50)  # prepared before the swap
-        assert await rebuild_jobs(ledger.pool) == 21
+        assert await rebuild_jobs(ledger.pool, dsn=db, processes=processes) == 21
         assert await _jobs_oid(conn) != table  # a new table took its place
         assert await _jobs_table(conn) == before
         assert before[1] == ["fillfactor=70", "parallel_workers=1"]
@@ -373,8 +379,9 @@ async def _jobs_oid(conn) -> int:
     return await conn.fetchval("SELECT 'jobledger.jobs'::regclass::oid")
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 async def test_a_jobs_rebuild_deadlocked_at_the_swap_replaces_the_rows(
-    ledger: JobLedger, db: str
+    ledger: JobLedger, db: str, processes: int
 ) -> None:
     await ledger.submit_many([{"operator": "noop"}] * 4)
     reader, watcher, blocker = await connect(db), await connect(db), await connect(db)
@@ -390,7 +397,7 @@ async def test_a_jobs_rebuild_deadlocked_at_the_swap_replaces_the_rows(
         await hold.start()
         await blocker.execute("LOCK TABLE jobledger.events IN ACCESS EXCLUSIVE MODE")
         async with anyio.create_task_group() as tg:
-            tg.start_soon(rebuild_jobs, ledger.pool)
+            tg.start_soon(partial(rebuild_jobs, ledger.pool, dsn=db, processes=processes))
             await _waiting(watcher, "AccessShareLock", "jobledger.events")
 
             async def write() -> None:
@@ -428,6 +435,94 @@ async def test_a_jobs_rebuild_under_a_dependent_view_replaces_the_rows(
     finally:
         await conn.close()
     assert await verify_all(ledger.pool) == []
+
+
+async def _bad_stream(db: str, job_id: UUID) -> None:
+    """Append an event that cannot apply (a version that skips one) to a stream."""
+    conn = await connect(db)
+    try:
+        await conn.execute(
+            "INSERT INTO jobledger.events (job_id, version, type, data)"
+            " VALUES ($1, 3, 'job.pinned', '{\"pinned\": true}')",
+            job_id,
+        )
+    finally:
+        await conn.close()
+
+
+async def _mend_stream(db: str, job_id: UUID) -> None:
+    """Take the bad event out again (past the append-only trigger), for the teardown check."""
+    conn = await connect(db)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
+                "DELETE FROM jobledger.events WHERE job_id = $1 AND version = 3", job_id
+            )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+async def test_a_jobs_rebuild_of_a_stream_that_does_not_replay_changes_nothing(
+    ledger: JobLedger, db: str, processes: int
+) -> None:
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 40)
+    bad = jobs[-1].id  # in the last part when there are several
+    await _bad_stream(db, bad)
+    conn = await connect(db)
+    try:
+        table = await _jobs_oid(conn)
+        with pytest.raises(ValueError, match=f"job {bad}: its events do not replay"):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=processes)
+        assert await _jobs_oid(conn) == table
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        assert await conn.fetchval("SELECT count(*) FROM jobledger.jobs") == 40
+    finally:
+        await conn.close()
+        await _mend_stream(db, bad)
+    assert await rebuild_jobs(ledger.pool, dsn=db, processes=processes) == 40
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_jobs_rebuild_whose_other_process_fails_changes_nothing(
+    ledger: JobLedger, db: str
+) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 40)
+    conn = await connect(db)
+    try:
+        table = await _jobs_oid(conn)
+        # The children connect to this DSN; the rebuild's own pool works.
+        with pytest.raises(RuntimeError, match=r"a process of the jobs rebuild failed: .*nowhere"):
+            await rebuild_jobs(ledger.pool, dsn=db + "_nowhere", processes=2)
+        assert await _jobs_oid(conn) == table
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+    finally:
+        await conn.close()
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_jobs_rebuild_clears_a_killed_rebuilds_table(ledger: JobLedger, db: str) -> None:
+    await ledger.submit_many([{"operator": "noop"}] * 3)
+    conn = await connect(db)
+    try:  # what a rebuild in several processes leaves when it is killed
+        await conn.execute(
+            "CREATE TABLE jobledger.jobs_rebuild (LIKE jobledger.jobs INCLUDING ALL)"
+        )
+        await conn.execute("INSERT INTO jobledger.jobs_rebuild SELECT * FROM jobledger.jobs")
+    finally:
+        await conn.close()
+    assert await rebuild_jobs(ledger.pool) == 3
+    assert await ledger.count() == 3
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_jobs_rebuild_refuses_bad_process_counts(ledger: JobLedger, db: str) -> None:
+    with pytest.raises(ValueError, match="needs dsn="):
+        await rebuild_jobs(ledger.pool, processes=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="processes must be a positive integer"):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=bad)  # type: ignore[arg-type]
 
 
 async def test_a_log_from_another_cluster_is_refused(ledger: JobLedger, db: str) -> None:

@@ -39,7 +39,29 @@ LOCK TABLE jobledger.jobs IN EXCLUSIVE MODE;
 -- name: jobs_rebuild_create
 -- A jobs rebuild folds the log into this bare copy of the table (its columns,
 -- defaults and checks, no indexes: rows load fastest into an unindexed table).
+-- Run under the rebuild's lock on jobs, so a jobs_rebuild found here is what a
+-- rebuild in several processes left when it was killed: nothing uses it.
+DROP TABLE IF EXISTS jobledger.jobs_rebuild;
 CREATE TABLE jobledger.jobs_rebuild (LIKE jobledger.jobs INCLUDING ALL EXCLUDING INDEXES);
+
+-- name: jobs_rebuild_parts
+-- Where to split the log into $1 parts of about as many events each, every
+-- job's events in one part: the job ids at those quantiles of a sample of
+-- $2 percent of the events (whole pages, so it reads only those pages).
+SELECT percentile_disc(array(SELECT g::float8 / $1 FROM generate_series(1, $1 - 1) AS g))
+       WITHIN GROUP (ORDER BY job_id)
+FROM jobledger.events TABLESAMPLE SYSTEM ($2);
+
+-- name: export_snapshot
+-- The rebuild's view of the log, for its other processes to read exactly it.
+SELECT pg_export_snapshot();
+
+-- name: jobs_rebuild_drop
+-- After a failed rebuild in several processes: its table (committed, so that
+-- the other processes could load it) goes, under the lock every rebuild holds,
+-- so that it is never another rebuild's table.
+LOCK TABLE jobledger.jobs IN EXCLUSIVE MODE;
+DROP TABLE IF EXISTS jobledger.jobs_rebuild;
 
 -- name: jobs_rebuild_ddl
 -- What makes jobs_rebuild a copy of jobs after its rows are in: `build` gives
