@@ -12,6 +12,9 @@ once: the "build new tables and swap" of the design.
   (readers are not blocked), every stream is folded through the reducer into
   a fresh unindexed table, which is then indexed and takes the place of
   ``jobs`` (readers wait only for that swap). Writers resume when it commits.
+  Folded in several processes, the fresh table is loaded and indexed by
+  other connections and committed before the swap; the swap is still one
+  commit of the rebuild's transaction.
 
 A long rebuild is a long transaction: it holds the gap-free fence back, so
 other projections lag (never lose events) while it runs.
@@ -130,13 +133,15 @@ async def rebuild_jobs(
 
     ``processes`` > 1 folds the log in that many processes at once (this one
     and child processes, each on its own connection to ``dsn``, which it then
-    needs), each a range of job ids with about as many events, all reading the
-    log in this rebuild's snapshot. ``None`` chooses: one process per CPU, at
-    most four, and one per 100,000 events. The other processes load
-    ``jobs_rebuild`` in their own transactions, so that table is committed
-    before the swap (it is dropped if the rebuild fails); everything else is
-    as above, and readers see the same rows. A stream whose events do not
-    apply fails the rebuild with a :class:`ValueError` naming the job.
+    needs), each a range of job ids with about the same work, all reading the
+    log in this rebuild's snapshot, and builds the indexes on as many
+    connections. ``None`` chooses: one process per CPU, at most four, and one
+    per 100,000 events (one without ``dsn``). Those connections load and
+    index ``jobs_rebuild`` in transactions of their own, so that table is
+    committed before the swap (and dropped if the rebuild fails or is
+    cancelled); the lock, the swap and what readers see are as above. A
+    stream whose events do not apply fails the rebuild with a
+    :class:`ValueError` naming the job, in any number of processes.
     """
     staged = False
     try:
@@ -153,21 +158,15 @@ async def rebuild_jobs(
             if len(parts) == 1:
                 await conn.execute(Q.jobs_rebuild_create)
                 await _load(conn, None, counted.add)
+                counted.finish()
+                for build, _ in ddl:
+                    await conn.execute(build)
             else:
-                # The children's transactions must see the table: it is made
-                # and committed on another connection (under this one's lock).
+                assert dsn is not None
                 staged = True
-                async with pool.acquire() as other:
-                    await other.execute(Q.jobs_rebuild_create)
                 snapshot = await conn.fetchval(Q.export_snapshot)
-                try:
-                    async with anyio.create_task_group() as tg:
-                        for bounds in parts[1:]:
-                            tg.start_soon(_run_part, dsn, snapshot, bounds, counted.add)
-                        await _load(conn, parts[0], counted.add)
-                except BaseExceptionGroup as group:  # the first failure, as one process raises it
-                    raise _first(group) from None
-            counted.finish()
+                await _load_in_parts(dsn, snapshot, parts, ddl, counted.add)
+                counted.finish()
             await _swap(conn, ddl)
         staged = False  # swapped in (renamed) or copied back (dropped)
     finally:
@@ -176,6 +175,59 @@ async def rebuild_jobs(
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.execute(Q.jobs_rebuild_drop)
     return counted.done
+
+
+async def _load_in_parts(
+    dsn: str,
+    snapshot: str,
+    parts: list[Bounds | None],
+    ddl: list[tuple[str, str | None]],
+    add: Callable[[int], None],
+) -> None:
+    """Fold ``parts`` at once and index the table: the first part here, the others in
+    child processes, then the index builds on as many connections.
+
+    Everything here is committed on connections of its own (to ``dsn``, not
+    the pool's, which may have no more to lend): the children must see the
+    table, and ``CREATE INDEX`` cannot run while the rebuild's transaction
+    holds a write lock on it. The rebuild's own transaction touches the table
+    only to analyze and swap it.
+    """
+    from engine.postgres import connect
+
+    conns: list[Any] = []
+    try:
+        for _ in parts:
+            conns.append(await connect(dsn))
+        await conns[0].execute(Q.jobs_rebuild_create)
+        try:
+            async with anyio.create_task_group() as tg:
+                for bounds in parts[1:]:
+                    tg.start_soon(_run_part, dsn, snapshot, bounds, add)
+                await _load_part(conns[0], snapshot, parts[0], add)
+        except BaseExceptionGroup as group:  # the first failure, as one process raises it
+            raise _first(group) from None
+        # Constraints, options, owner and grants change the table (an exclusive
+        # lock): one at a time. Index builds share the table: all at once.
+        builds = [b for b, _ in ddl if b.startswith("CREATE ")]
+        for build, _ in ddl:
+            if build not in builds:
+                await conns[0].execute(build)
+
+        async def builder(conn: Any) -> None:
+            while builds:
+                await conn.execute(builds.pop(0))
+
+        async with anyio.create_task_group() as tg:
+            for conn in conns:
+                tg.start_soon(builder, conn)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for conn in conns:
+                if conn.is_in_transaction():  # interrupted: its work is not wanted
+                    conn.terminate()
+                else:
+                    await conn.close(timeout=10)
 
 
 def _first(error: BaseException) -> BaseException:
@@ -357,22 +409,25 @@ def part_main() -> None:
 
 
 async def _part(orders: dict[str, Any], add: Callable[[int], None]) -> int:
-    import asyncpg
+    from engine.postgres import connect
 
-    from engine.postgres import init_connection
-
-    snapshot = orders["snapshot"]
-    if not _SNAPSHOT.match(snapshot):
-        raise ValueError(f"not a snapshot id: {snapshot!r}")
     bounds = (UUID(orders["from"]), orders["to"] and UUID(orders["to"]))
-    conn = await asyncpg.connect(orders["dsn"])
+    conn = await connect(orders["dsn"])
     try:
-        await init_connection(conn)
-        async with _timestamps_as_integers(conn), conn.transaction(isolation="repeatable_read"):
-            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            return await _load(conn, bounds, add)
+        return await _load_part(conn, orders["snapshot"], bounds, add)
     finally:
         await conn.close()
+
+
+async def _load_part(
+    conn: Any, snapshot: str, bounds: Bounds | None, add: Callable[[int], None]
+) -> int:
+    """Load one part into ``jobs_rebuild`` and commit, reading the log in ``snapshot``."""
+    if not _SNAPSHOT.match(snapshot):
+        raise ValueError(f"not a snapshot id: {snapshot!r}")
+    async with _timestamps_as_integers(conn), conn.transaction(isolation="repeatable_read"):
+        await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        return await _load(conn, bounds, add)
 
 
 _EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)  # PostgreSQL's timestamp zero
@@ -478,11 +533,9 @@ async def _copy_ddl(conn: Any) -> list[tuple[str, str | None]]:
 
 
 async def _swap(conn: Any, ddl: list[tuple[str, str | None]]) -> None:
-    """Index ``jobs_rebuild`` like ``jobs`` and put it in its place."""
+    """Analyze the indexed ``jobs_rebuild`` and put it in the place of ``jobs``."""
     import asyncpg
 
-    for build, _ in ddl:
-        await conn.execute(build)
     await conn.execute(Q.jobs_rebuild_analyze)
     try:
         async with conn.transaction():  # a savepoint: a refused DROP leaves jobs as it was

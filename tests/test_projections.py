@@ -12,6 +12,7 @@ import pytest
 
 from engine import JobLedger
 from engine import events as ev
+from engine.errors import DatabaseUnavailable
 from engine.postgres import connect
 from engine.store import Checkpoint, LogFromAnotherCluster, check_log_cluster, read_log
 from projections import reports
@@ -486,19 +487,56 @@ async def test_a_jobs_rebuild_of_a_stream_that_does_not_replay_changes_nothing(
 
 
 async def test_a_jobs_rebuild_whose_other_process_fails_changes_nothing(
-    ledger: JobLedger, db: str
+    ledger: JobLedger, db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from projections import rebuild
+
     await ledger.submit_many([{"operator": "noop"}] * 40)
     conn = await connect(db)
     try:
         table = await _jobs_oid(conn)
-        # The children connect to this DSN; the rebuild's own pool works.
-        with pytest.raises(RuntimeError, match=r"a process of the jobs rebuild failed: .*nowhere"):
+        # A child that dies after reporting some progress, as a killed one would.
+        monkeypatch.setattr(
+            rebuild, "_PART", "import sys; print('+3', flush=True); sys.exit('lost it')"
+        )
+        with pytest.raises(RuntimeError, match="a process of the jobs rebuild failed: lost it"):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=3)
+        assert await _jobs_oid(conn) == table
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        # A server the other connections cannot reach: refused before anything is made.
+        with pytest.raises(DatabaseUnavailable):
             await rebuild_jobs(ledger.pool, dsn=db + "_nowhere", processes=2)
         assert await _jobs_oid(conn) == table
         assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
     finally:
         await conn.close()
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_a_cancelled_jobs_rebuild_stops_its_processes_and_changes_nothing(
+    ledger: JobLedger, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from projections import rebuild
+
+    await ledger.submit_many([{"operator": "noop"}] * 40)
+    monkeypatch.setattr(rebuild, "_PART", "import time; time.sleep(60)")  # a child that hangs
+    watcher = await connect(db)
+    try:
+        table = await _jobs_oid(watcher)
+        with anyio.fail_after(20):  # the child is killed, not waited for
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(rebuild_jobs, ledger.pool, dsn=db, processes=2))
+                while not await watcher.fetchval(  # noqa: ASYNC110 (polls the server)
+                    "SELECT to_regclass('jobledger.jobs_rebuild') IS NOT NULL"
+                ):
+                    await anyio.sleep(0.02)
+                await anyio.sleep(0.3)
+                tg.cancel_scope.cancel()
+        assert await _jobs_oid(watcher) == table
+        assert await watcher.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+    finally:
+        await watcher.close()
+    assert await ledger.count() == 40
     assert await verify_all(ledger.pool) == []
 
 

@@ -45,12 +45,17 @@ DROP TABLE IF EXISTS jobledger.jobs_rebuild;
 CREATE TABLE jobledger.jobs_rebuild (LIKE jobledger.jobs INCLUDING ALL EXCLUDING INDEXES);
 
 -- name: jobs_rebuild_parts
--- Where to split the log into $1 parts of about as many events each, every
--- job's events in one part: the job ids at those quantiles of a sample of
--- $2 percent of the events (whole pages, so it reads only those pages).
+-- Where to split the log into $1 parts of about the same work, every job's
+-- events in one part: the job ids at those quantiles of a sample of $2
+-- percent of the events (whole pages, so it reads only those pages), where a
+-- job's first event counts twice (a folded job costs about what one more
+-- event does: its row, its first state).
+WITH sample AS (
+    SELECT job_id, version FROM jobledger.events TABLESAMPLE SYSTEM ($2)
+)
 SELECT percentile_disc(array(SELECT g::float8 / $1 FROM generate_series(1, $1 - 1) AS g))
        WITHIN GROUP (ORDER BY job_id)
-FROM jobledger.events TABLESAMPLE SYSTEM ($2);
+FROM (SELECT job_id FROM sample UNION ALL SELECT job_id FROM sample WHERE version = 1) AS weighed;
 
 -- name: export_snapshot
 -- The rebuild's view of the log, for its other processes to read exactly it.
