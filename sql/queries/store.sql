@@ -48,14 +48,20 @@ moved AS (
     WHERE j.id = ANY($2::uuid[]) AND j.id = s.id AND j.version = s.version - 1
     RETURNING j.id, j.version, s.n
 ),
+ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
+    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
+           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
+           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
+                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
+),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
     SELECT m.id, m.version,
-           coalesce($4::jsonb -> 'type' ->> (m.n::int - 1), $4::jsonb ->> 'type'),
-           coalesce($4::jsonb -> 'data' -> (m.n::int - 1), $4::jsonb -> 'data'),
-           coalesce($4::jsonb -> 'meta' -> (m.n::int - 1), $4::jsonb -> 'meta'),
-           coalesce($4::jsonb -> 'at' ->> (m.n::int - 1), $4::jsonb ->> 'at')::timestamptz
-    FROM moved AS m
+           coalesce(ev.type ->> (m.n::int - 1), ev.type #>> '{}'),
+           coalesce(ev.data -> (m.n::int - 1), ev.data),
+           coalesce(ev.meta -> (m.n::int - 1), ev.meta),
+           coalesce(ev.shared_at, (ev.at ->> (m.n::int - 1))::timestamptz)
+    FROM ev, moved AS m
     RETURNING job_id
 )
 SELECT array_agg(ins.job_id),
@@ -101,14 +107,20 @@ created AS (
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
+ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
+    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
+           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
+           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
+                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
+),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
     SELECT u.id, 1,
-           coalesce($4::jsonb -> 'type' ->> (u.n::int - 1), $4::jsonb ->> 'type'),
-           coalesce($4::jsonb -> 'data' -> (u.n::int - 1), $4::jsonb -> 'data'),
-           coalesce($4::jsonb -> 'meta' -> (u.n::int - 1), $4::jsonb -> 'meta'),
-           coalesce($4::jsonb -> 'at' ->> (u.n::int - 1), $4::jsonb ->> 'at')::timestamptz
-    FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
+           coalesce(ev.type ->> (u.n::int - 1), ev.type #>> '{}'),
+           coalesce(ev.data -> (u.n::int - 1), ev.data),
+           coalesce(ev.meta -> (u.n::int - 1), ev.meta),
+           coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
+    FROM ev, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
     JOIN created ON created.id = u.id
     RETURNING job_id
 )
@@ -140,14 +152,20 @@ created AS (
     FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
          LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
 ),
+ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
+    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
+           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
+           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
+                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
+),
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
     SELECT u.id, 1,
-           coalesce($4::jsonb -> 'type' ->> (u.n::int - 1), $4::jsonb ->> 'type'),
-           coalesce($4::jsonb -> 'data' -> (u.n::int - 1), $4::jsonb -> 'data'),
-           coalesce($4::jsonb -> 'meta' -> (u.n::int - 1), $4::jsonb -> 'meta'),
-           coalesce($4::jsonb -> 'at' ->> (u.n::int - 1), $4::jsonb ->> 'at')::timestamptz
-    FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
+           coalesce(ev.type ->> (u.n::int - 1), ev.type #>> '{}'),
+           coalesce(ev.data -> (u.n::int - 1), ev.data),
+           coalesce(ev.meta -> (u.n::int - 1), ev.meta),
+           coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
+    FROM ev, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
     RETURNING 1
 )
 SELECT count(*),
