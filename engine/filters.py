@@ -168,9 +168,18 @@ def _uuid(name: str, value: Any) -> UUID:
         raise ValueError(f"filter {name!r}: {value!r} is not a job id") from None
 
 
+def as_list(value: str | Iterable[str]) -> list[str]:
+    """One string as a list of itself (not of its letters); any other iterable as a list.
+
+    Every argument that takes "a name or several" (statuses, tags, queues,
+    operators, order fields) reads its value through this.
+    """
+    return [value] if isinstance(value, str) else list(value)
+
+
 def parse_order(order_by: str | Sequence[str] | None) -> list[tuple[str, bool]]:
     """``"-created_at"`` or a list of such -> [(field, descending)], ending with the id."""
-    fields = [order_by] if isinstance(order_by, str) else list(order_by or ["-created_at"])
+    fields = as_list(order_by or ["-created_at"])
     keys: list[tuple[str, bool]] = []
     for f in fields:
         desc = f.startswith("-")

@@ -125,8 +125,7 @@ def as_job_id(job_id: UUID | str) -> UUID:
 def _statuses(value: StatusArg) -> frozenset[str] | None:
     if value is None:
         return None
-    values = [value] if isinstance(value, str) else list(value)
-    return frozenset(lifecycle.check_status(v) for v in values)
+    return frozenset(lifecycle.check_status(v) for v in flt.as_list(value))
 
 
 def error_info(error: BaseException | ev.ErrorInfo | str | Mapping[str, Any]) -> ev.ErrorInfo:
@@ -446,7 +445,7 @@ class JobLedger:
             timeout=timeout,
             restart_policy=restart_policy,
             retry_backoff=retry_backoff,
-            tags=list(tags) if not isinstance(tags, str) else [tags],
+            tags=flt.as_list(tags),
             context=dict(context or {}),
             parent_id=as_job_id(parent_id) if parent_id is not None else None,
             owner=owner,
@@ -1150,7 +1149,7 @@ def _spec(index: int, value: Mapping[str, Any]) -> JobSpec:
 
 def _tags(tags: Iterable[str] | str) -> tuple[str, ...]:
     """Tags to add or remove: one string is one tag; none at all is a mistake."""
-    out = (tags,) if isinstance(tags, str) else tuple(tags)
+    out = tuple(flt.as_list(tags))
     if not out:
         raise ValueError("give at least one tag")
     return out

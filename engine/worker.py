@@ -68,6 +68,7 @@ from engine import lifecycle, store
 from engine.completer import Completer, Hold
 from engine.context import JobContext
 from engine.errors import Cancel, InvalidInputs, JobNotFound, PayloadTooLarge, RetryAfter
+from engine.filters import as_list
 from engine.ledger import as_job_id, error_info, utcnow
 from engine.notifications import Notice
 from engine.postgres import DB_ERRORS, retry_dropped
@@ -80,11 +81,6 @@ if TYPE_CHECKING:
     from projections.job_state import Job
 
 log = structlog.get_logger("jobledger.worker")
-
-
-def _names(value: Iterable[str] | str) -> list[str]:
-    """Queue or operator names: one string is one name (not its letters)."""
-    return [value] if isinstance(value, str) else list(value)
 
 
 class Worker:
@@ -149,7 +145,7 @@ class Worker:
             if not value >= 0:
                 raise ValueError(f"{name} must be zero or more, got {value}")
         registry = ledger.registry
-        names = _names(operators) if operators is not None else list(registry)
+        names = as_list(operators) if operators is not None else list(registry)
         unknown = [n for n in names if n not in registry]
         if unknown:
             raise ValueError(f"operators not registered in this process: {', '.join(unknown)}")
@@ -157,7 +153,7 @@ class Worker:
             raise ValueError("the worker has no operators: register some with @ledger.operator")
         self.ledger = ledger
         self.operators = sorted(names)
-        self.queues = sorted(set(_names(queues)) if queues else {registry[n].queue for n in names})
+        self.queues = sorted(set(as_list(queues)) if queues else {registry[n].queue for n in names})
         self.concurrency = concurrency
         self.burst = burst
         self.limit = limit
