@@ -557,3 +557,14 @@ async def test_a_write_notifies_once_and_only_when_it_stored_something(
         assert heard == [payload]  # none for the write that stored nothing
     finally:
         await listener.close()
+
+
+async def test_one_string_is_one_value_wherever_several_are_taken(ledger: JobLedger) -> None:
+    """A name given where a list is taken is that one name, never its letters."""
+    job = await ledger.submit("noop", tags="gpu")
+    assert job.tags == ["gpu"]
+    assert (await ledger.add_tags(job.id, "cats")).tags == ["gpu", "cats"]
+    assert (await ledger.remove_tags(job.id, "gpu")).tags == ["cats"]
+    assert [j.id for j in await ledger.list(status="queued", order_by="created_at")] == [job.id]
+    assert await ledger.count(status="queued", operator="noop", queue="default") == 1
+    assert await ledger.wait(job.id, until="queued", timeout=1) == await ledger.get(job.id)
