@@ -200,27 +200,27 @@ async def _load_in_parts(
         for _ in parts:
             conns.append(await connect(dsn))
         await conns[0].execute(Q.jobs_rebuild_create)
-        try:
-            async with anyio.create_task_group() as tg:
-                for bounds in parts[1:]:
-                    tg.start_soon(_run_part, dsn, snapshot, bounds, add)
-                await _load_part(conns[0], snapshot, parts[0], add)
-        except BaseExceptionGroup as group:  # the first failure, as one process raises it
-            raise _first(group) from None
         # Constraints, options, owner and grants change the table (an exclusive
         # lock): one at a time. Index builds share the table: all at once.
         builds = [b for b, _ in ddl if b.startswith("CREATE ")]
-        for build, _ in ddl:
-            if build not in builds:
-                await conns[0].execute(build)
 
         async def builder(conn: Any) -> None:
             while builds:
                 await conn.execute(builds.pop(0))
 
-        async with anyio.create_task_group() as tg:
-            for conn in conns:
-                tg.start_soon(builder, conn)
+        try:
+            async with anyio.create_task_group() as tg:
+                for bounds in parts[1:]:
+                    tg.start_soon(_run_part, dsn, snapshot, bounds, add)
+                await _load_part(conns[0], snapshot, parts[0], add)
+            for build, _ in ddl:
+                if build not in builds:
+                    await conns[0].execute(build)
+            async with anyio.create_task_group() as tg:
+                for conn in conns:
+                    tg.start_soon(builder, conn)
+        except BaseExceptionGroup as group:  # the first failure, as one process raises it
+            raise _first(group) from None
     finally:
         with anyio.CancelScope(shield=True):
             for conn in conns:

@@ -540,6 +540,32 @@ async def test_a_cancelled_jobs_rebuild_stops_its_processes_and_changes_nothing(
     assert await verify_all(ledger.pool) == []
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_a_jobs_rebuild_whose_index_cannot_be_built_changes_nothing(
+    ledger: JobLedger, db: str, processes: int
+) -> None:
+    import asyncpg
+
+    await ledger.submit_many([{"operator": "noop", "label": "same"}] * 4)
+    conn = await connect(db)
+    try:
+        # A unique index of the user's that the damaged table satisfies and
+        # the rows folded from the log do not: its build fails.
+        await conn.execute("UPDATE jobledger.jobs SET label = id::text")
+        await conn.execute("CREATE UNIQUE INDEX one_label ON jobledger.jobs (label)")
+        table = await _jobs_oid(conn)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=processes)
+        assert await _jobs_oid(conn) == table
+        assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        assert await conn.fetchval("SELECT count(DISTINCT label) FROM jobledger.jobs") == 4
+        await conn.execute("DROP INDEX jobledger.one_label")
+    finally:
+        await conn.close()
+    assert await rebuild_jobs(ledger.pool, dsn=db, processes=processes) == 4
+    assert await verify_all(ledger.pool) == []
+
+
 async def test_a_jobs_rebuild_clears_a_killed_rebuilds_table(ledger: JobLedger, db: str) -> None:
     await ledger.submit_many([{"operator": "noop"}] * 3)
     conn = await connect(db)
