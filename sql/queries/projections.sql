@@ -73,33 +73,39 @@ DROP TABLE IF EXISTS jobledger.jobs_rebuild;
 -- it jobs's indexes and constraints under temporary names, its storage
 -- options, owner and grants; `rename` gives the indexes their names back once
 -- jobs_rebuild has become jobs. Index definitions come from the catalog, so
--- whatever the migrations made is what the rebuilt table gets.
-SELECT CASE
-           WHEN c.oid IS NOT NULL THEN format(
-               'ALTER TABLE jobledger.jobs_rebuild ADD CONSTRAINT %I %s',
-               'jobs_rebuild_' || x.n, pg_get_constraintdef(c.oid))
-           ELSE regexp_replace(
-               pg_get_indexdef(x.indexrelid),
-               '^(CREATE (UNIQUE )?INDEX )("(?:[^"]|"")+"|\S+) ON jobledger\.jobs USING ',
-               '\1' || quote_ident('jobs_rebuild_' || x.n) || ' ON jobledger.jobs_rebuild USING ')
-       END AS build,
-       format('ALTER INDEX jobledger.%I RENAME TO %I', 'jobs_rebuild_' || x.n, i.relname) AS rename
-FROM (SELECT indexrelid, indrelid, row_number() OVER (ORDER BY indexrelid) AS n
-      FROM pg_index WHERE indrelid = 'jobledger.jobs'::regclass) AS x
-JOIN pg_class AS i ON i.oid = x.indexrelid
-LEFT JOIN pg_constraint AS c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
-UNION ALL
-SELECT format('ALTER TABLE jobledger.jobs_rebuild SET (%s)', array_to_string(reloptions, ', ')), NULL
-FROM pg_class WHERE oid = 'jobledger.jobs'::regclass AND reloptions IS NOT NULL
-UNION ALL
-SELECT format('ALTER TABLE jobledger.jobs_rebuild OWNER TO %s', relowner::regrole), NULL
-FROM pg_class WHERE oid = 'jobledger.jobs'::regclass
-UNION ALL
-SELECT format('GRANT %s ON jobledger.jobs_rebuild TO %s%s', a.privilege_type,
-              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
-              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL
-FROM pg_class AS t, aclexplode(t.relacl) AS a
-WHERE t.oid = 'jobledger.jobs'::regclass;
+-- whatever the migrations made is what the rebuilt table gets. The indexes
+-- come largest first (their size in jobs now): built on several connections,
+-- the longest builds start first and the short ones fill in after them.
+SELECT build, rename FROM (
+    SELECT 1 AS part, pg_relation_size(x.indexrelid) AS size,
+           CASE
+               WHEN c.oid IS NOT NULL THEN format(
+                   'ALTER TABLE jobledger.jobs_rebuild ADD CONSTRAINT %I %s',
+                   'jobs_rebuild_' || x.n, pg_get_constraintdef(c.oid))
+               ELSE regexp_replace(
+                   pg_get_indexdef(x.indexrelid),
+                   '^(CREATE (UNIQUE )?INDEX )("(?:[^"]|"")+"|\S+) ON jobledger\.jobs USING ',
+                   '\1' || quote_ident('jobs_rebuild_' || x.n) || ' ON jobledger.jobs_rebuild USING ')
+           END AS build,
+           format('ALTER INDEX jobledger.%I RENAME TO %I', 'jobs_rebuild_' || x.n, i.relname) AS rename
+    FROM (SELECT indexrelid, indrelid, row_number() OVER (ORDER BY indexrelid) AS n
+          FROM pg_index WHERE indrelid = 'jobledger.jobs'::regclass) AS x
+    JOIN pg_class AS i ON i.oid = x.indexrelid
+    LEFT JOIN pg_constraint AS c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+    UNION ALL
+    SELECT 2, 0, format('ALTER TABLE jobledger.jobs_rebuild SET (%s)', array_to_string(reloptions, ', ')), NULL
+    FROM pg_class WHERE oid = 'jobledger.jobs'::regclass AND reloptions IS NOT NULL
+    UNION ALL
+    SELECT 3, 0, format('ALTER TABLE jobledger.jobs_rebuild OWNER TO %s', relowner::regrole), NULL
+    FROM pg_class WHERE oid = 'jobledger.jobs'::regclass
+    UNION ALL
+    SELECT 4, 0, format('GRANT %s ON jobledger.jobs_rebuild TO %s%s', a.privilege_type,
+                  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+                  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL
+    FROM pg_class AS t, aclexplode(t.relacl) AS a
+    WHERE t.oid = 'jobledger.jobs'::regclass
+) AS ddl
+ORDER BY part, size DESC, build;
 
 -- name: jobs_rebuild_analyze
 -- Statistics for the planner before the swap, so the first listings after it
