@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -38,6 +39,7 @@ import anyio
 import msgspec
 
 from engine.sqlfiles import Q
+from projections import upcasting
 from projections.job_state import JOB_FIELDS
 from projections.replay import fold_log
 from projections.runner import Projection
@@ -257,8 +259,9 @@ _MAX_PROCESSES = 4
 
 
 def _processes(processes: int | None, dsn: str | None, total: int) -> int:
+    unloadable = upcasting.loadable()
     if processes is None:
-        if dsn is None:
+        if dsn is None or unloadable:
             return 1
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return max(1, min(cpus or 1, _MAX_PROCESSES, total // _EVENTS_PER_PROCESS))
@@ -266,6 +269,11 @@ def _processes(processes: int | None, dsn: str | None, total: int) -> int:
         raise ValueError(f"processes must be a positive integer or None, got {processes!r}")
     if processes > 1 and dsn is None:
         raise ValueError("a rebuild in several processes needs dsn= (each process connects)")
+    if processes > 1 and unloadable:
+        raise ValueError(
+            f"the upcaster {unloadable} cannot be loaded in another process:"
+            " define it at a module's top level, or rebuild in one process"
+        )
     return processes
 
 
@@ -326,7 +334,13 @@ def _does_not_replay(job_id: UUID, error: Exception) -> ValueError:
 # -- the other processes of a rebuild ------------------------------------------
 
 _SNAPSHOT = re.compile(r"^[0-9A-F]+(-[0-9A-F]+)+$")
-_PART = "from projections.rebuild import part_main; part_main()"
+# The child imports this very package first (a `projections` of the caller's,
+# in its working directory, must not stand in for it).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+_PART = (
+    f"import sys; sys.path.insert(0, {_ROOT!r});"
+    " from projections.rebuild import part_main; part_main()"
+)
 
 
 async def _run_part(
@@ -346,6 +360,8 @@ async def _run_part(
             "snapshot": snapshot,
             "from": str(bounds[0]),
             "to": bounds[1] and str(bounds[1]),
+            "upcasters": upcasting.registered(),
+            "path": sys.path,  # where this process found the upcasters' modules
         }
     ).encode()
     proc = await anyio.open_process(
@@ -391,6 +407,7 @@ async def _run_part(
 def part_main() -> None:
     """A child process's part of a rebuild (see :func:`_run_part`)."""
     orders = json.loads(sys.stdin.buffer.read())
+    sys.path[:] = [_ROOT, *orders["path"], *(p for p in sys.path if p not in orders["path"])]
     out = sys.stdout
 
     def add(events: int) -> None:
@@ -411,6 +428,7 @@ def part_main() -> None:
 async def _part(orders: dict[str, Any], add: Callable[[int], None]) -> int:
     from engine.postgres import connect
 
+    upcasting.load(orders["upcasters"])  # the parent's, so the log decodes the same here
     bounds = (UUID(orders["from"]), orders["to"] and UUID(orders["to"]))
     conn = await connect(orders["dsn"])
     try:

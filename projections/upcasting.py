@@ -14,7 +14,8 @@ are idempotent and safe to apply to any version.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -43,6 +44,42 @@ def upcast(event_type: str, data: str | bytes) -> str | bytes:
     for fn in fns:
         payload = fn(payload)
     return msgspec.json.encode(payload)
+
+
+def registered() -> list[tuple[str, str, str]]:
+    """``(event type, module, qualified name)`` of every upcaster, in the order applied."""
+    return [(t, fn.__module__, fn.__qualname__) for t, fns in _UPCASTERS.items() for fn in fns]
+
+
+def loadable() -> str | None:
+    """The first upcaster another process could not load by name, or ``None``.
+
+    An upcaster is found by importing its module and following its qualified
+    name, so it must be defined at a module's top level (not in a function).
+    """
+    for t, module, qualname in registered():
+        if "<" in qualname or module == "__main__":
+            return f"{module}.{qualname} (for {t})"
+    return None
+
+
+def load(names: Iterable[tuple[str, str, str]]) -> None:
+    """Register here the upcasters another process has (``registered()`` there).
+
+    Each module is imported (an upcaster registered on import is not
+    registered twice); then this process must have exactly that list, in
+    that order, or ``RuntimeError`` says which differ.
+    """
+    wanted = [tuple(n) for n in names]
+    for t, module, qualname in wanted:
+        target: Any = importlib.import_module(module)
+        if (t, module, qualname) in registered():
+            continue
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        upcaster(t)(target)
+    if registered() != wanted:
+        raise RuntimeError(f"upcasters differ from the parent's: {registered()} != {wanted}")
 
 
 def unregister(event_type: str, fn: Upcaster) -> None:

@@ -566,6 +566,19 @@ async def test_a_jobs_rebuild_whose_index_cannot_be_built_changes_nothing(
     assert await verify_all(ledger.pool) == []
 
 
+async def test_a_parallel_rebuild_runs_from_a_directory_with_its_own_projections_package(
+    ledger: JobLedger, db: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service's own `projections` package in the working directory is not what the
+    children import: they import the package this process runs."""
+    (tmp_path / "projections").mkdir()
+    (tmp_path / "projections" / "__init__.py").write_text("raise ImportError('not jobledger')\n")
+    monkeypatch.chdir(tmp_path)
+    await ledger.submit_many([{"operator": "noop"}] * 6)
+    assert await rebuild_jobs(ledger.pool, dsn=db, processes=2) == 6
+    assert await verify_all(ledger.pool) == []
+
+
 async def test_a_jobs_rebuild_clears_a_killed_rebuilds_table(ledger: JobLedger, db: str) -> None:
     await ledger.submit_many([{"operator": "noop"}] * 3)
     conn = await connect(db)

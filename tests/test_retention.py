@@ -11,6 +11,7 @@ import pytest
 from engine import JobLedger
 from engine.postgres import connect
 from projections import reports, upcasting
+from projections.rebuild import rebuild_jobs
 from projections.replay import verify_all
 from projections.runner import catch_up
 from tests.operators import register_basic
@@ -129,6 +130,58 @@ async def test_an_old_event_shape_is_upcast_when_read(
     assert history[-1].event.fraction == 0.4 and history[-1].meta.schema == 0
     assert (await ledger.state_at(job.id)).progress.fraction == 0.4
     assert await verify_all(ledger.pool) == []
+
+
+async def _old_progress_event(db: str, ledger: JobLedger) -> None:
+    """A job whose third event is a progress report in the old shape (`percent`)."""
+    job = await ledger.mark_running((await ledger.submit("noop")).id)
+    conn = await connect(db)
+    try:
+        at = datetime.now(UTC)
+        await conn.execute(
+            "WITH moved AS (UPDATE jobledger.jobs SET version = 3, updated_at = $3,"
+            " progress = $4 WHERE id = $1)"
+            " INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)"
+            " VALUES ($1, 3, 'job.progress', $2, '{\"schema\": 0}', $3)",
+            job.id,
+            msgspec.Raw(msgspec.json.encode({"type": "job.progress", "percent": 40})),
+            at,
+            msgspec.Raw(msgspec.json.encode({"fraction": 0.4, "reported_at": at})),
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_rebuild_in_several_processes_upcasts_in_each(
+    percent_upcaster, ledger: JobLedger, db: str
+) -> None:
+    """The children load the parent's upcasters by name: an old shape folds the same there."""
+    await ledger.submit_many([{"operator": "noop"}] * 5)
+    await _old_progress_event(db, ledger)  # the newest job: in the last (a child's) part
+    conn = await connect(db)
+    try:
+        await conn.execute("UPDATE jobledger.jobs SET progress = NULL")
+    finally:
+        await conn.close()
+    assert await rebuild_jobs(ledger.pool, dsn=db, processes=2) == 5 + 3
+    assert await verify_all(ledger.pool) == []
+
+
+async def test_an_upcaster_no_other_process_can_load_keeps_the_rebuild_in_one(
+    percent_upcaster, ledger: JobLedger, db: str
+) -> None:
+    def local(payload: dict) -> dict:  # defined in a function: not importable by name
+        return percent_to_fraction(payload)
+
+    await _old_progress_event(db, ledger)
+    upcasting.upcaster("job.progress")(local)
+    try:
+        with pytest.raises(ValueError, match=r"upcaster .*local \(for job.progress\) cannot"):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=2)
+        assert await rebuild_jobs(ledger.pool, dsn=db, processes=None) == 3  # one, by choice
+        assert await verify_all(ledger.pool) == []
+    finally:
+        upcasting.unregister("job.progress", local)
 
 
 async def test_state_at_a_position_and_a_time(ledger: JobLedger) -> None:
