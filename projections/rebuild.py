@@ -361,7 +361,7 @@ async def _run_part(
             "from": str(bounds[0]),
             "to": bounds[1] and str(bounds[1]),
             "upcasters": upcasting.registered(),
-            "path": sys.path,  # where this process found the upcasters' modules
+            "path": [str(p) for p in sys.path],  # where the upcasters' modules were found
         }
     ).encode()
     proc = await anyio.open_process(
