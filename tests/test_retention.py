@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 import asyncpg
 import msgspec
@@ -101,39 +102,9 @@ def percent_upcaster():
     upcasting.unregister("job.progress", percent_to_fraction)
 
 
-async def test_an_old_event_shape_is_upcast_when_read(
-    percent_upcaster, ledger: JobLedger, db: str
-) -> None:
-    """A hand-written event in an older shape: progress as `percent` (0-100), schema 0."""
-    job = await ledger.submit("noop")
-    job = await ledger.mark_running(job.id)
-    conn = await connect(db)
-    try:
-        at = datetime.now(UTC)
-        old = {"type": "job.progress", "percent": 40, "message": "old writer"}
-        # The old writer's statement: its event and its (old reducer's) row.
-        await conn.execute(
-            "WITH moved AS (UPDATE jobledger.jobs SET version = 3, updated_at = $3,"
-            " progress = $4 WHERE id = $1)"
-            " INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)"
-            " VALUES ($1, 3, 'job.progress', $2, '{\"schema\": 0}', $3)",
-            job.id,
-            msgspec.Raw(msgspec.json.encode(old)),
-            at,
-            msgspec.Raw(
-                msgspec.json.encode({"fraction": 0.4, "message": "old writer", "reported_at": at})
-            ),
-        )
-    finally:
-        await conn.close()
-    history = await ledger.history(job.id)
-    assert history[-1].event.fraction == 0.4 and history[-1].meta.schema == 0
-    assert (await ledger.state_at(job.id)).progress.fraction == 0.4
-    assert await verify_all(ledger.pool) == []
-
-
-async def _old_progress_event(db: str, ledger: JobLedger) -> None:
-    """A job whose third event is a progress report in the old shape (`percent`)."""
+async def _old_progress_event(db: str, ledger: JobLedger) -> UUID:
+    """A job whose third event is a progress report in an older shape: `percent`
+    (0-100), schema 0, written with its (old reducer's) row as the old writer did."""
     job = await ledger.mark_running((await ledger.submit("noop")).id)
     conn = await connect(db)
     try:
@@ -150,6 +121,17 @@ async def _old_progress_event(db: str, ledger: JobLedger) -> None:
         )
     finally:
         await conn.close()
+    return job.id
+
+
+async def test_an_old_event_shape_is_upcast_when_read(
+    percent_upcaster, ledger: JobLedger, db: str
+) -> None:
+    job_id = await _old_progress_event(db, ledger)
+    history = await ledger.history(job_id)
+    assert history[-1].event.fraction == 0.4 and history[-1].meta.schema == 0
+    assert (await ledger.state_at(job_id)).progress.fraction == 0.4
+    assert await verify_all(ledger.pool) == []
 
 
 async def test_a_rebuild_in_several_processes_upcasts_in_each(
