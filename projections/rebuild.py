@@ -374,8 +374,11 @@ async def _run_part(
     failure: str | None = None
     try:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        await proc.stdin.send(orders)
-        await proc.stdin.aclose()
+        try:
+            await proc.stdin.send(orders)
+            await proc.stdin.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # it ended before reading them: its exit status and stderr say why
 
         async def drain_stderr() -> None:
             async for chunk in proc.stderr:  # type: ignore[union-attr]

@@ -503,6 +503,12 @@ async def test_a_jobs_rebuild_whose_other_process_fails_changes_nothing(
             await rebuild_jobs(ledger.pool, dsn=db, processes=3)
         assert await _jobs_oid(conn) == table
         assert await conn.fetchval("SELECT to_regclass('jobledger.jobs_rebuild')") is None
+        # Orders bigger than a pipe holds, to a child that exits unread: the
+        # write breaks, and what is reported is still the child's failure.
+        monkeypatch.setattr(rebuild.upcasting, "registered", lambda: [("t", "m", "f" * 200_000)])
+        with pytest.raises(RuntimeError, match="a process of the jobs rebuild failed: lost it"):
+            await rebuild_jobs(ledger.pool, dsn=db, processes=2)
+        monkeypatch.undo()
         # A server the other connections cannot reach: refused before anything is made.
         with pytest.raises(DatabaseUnavailable):
             await rebuild_jobs(ledger.pool, dsn=db + "_nowhere", processes=2)
