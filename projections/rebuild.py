@@ -143,7 +143,8 @@ async def rebuild_jobs(
     committed before the swap (and dropped if the rebuild fails or is
     cancelled); the lock, the swap and what readers see are as above. A
     stream whose events do not apply fails the rebuild with a
-    :class:`ValueError` naming the job, in any number of processes.
+    :class:`StreamDoesNotReplay` (a ``ValueError``) naming the job, in any
+    number of processes.
     """
     staged = False
     try:
@@ -324,8 +325,12 @@ async def _load(conn: Any, bounds: Bounds | None, add: Callable[[int], None]) ->
     return done
 
 
-def _does_not_replay(job_id: UUID, error: Exception) -> ValueError:
-    return ValueError(
+class StreamDoesNotReplay(ValueError):
+    """A job's events do not fold through the reducer; the rebuild changed nothing."""
+
+
+def _does_not_replay(job_id: UUID, error: Exception) -> StreamDoesNotReplay:
+    return StreamDoesNotReplay(
         f"job {job_id}: its events do not replay ({type(error).__name__}: {error});"
         " the jobs table was left as it was"
     )
@@ -401,7 +406,7 @@ async def _run_part(
             with anyio.CancelScope(shield=True):
                 await proc.wait()
     if failure is not None:
-        raise ValueError(failure)
+        raise StreamDoesNotReplay(failure)
     if code != 0:
         tail = errors.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {code}"]
         raise RuntimeError(f"a process of the jobs rebuild failed: {tail[0]}")
@@ -419,9 +424,7 @@ def part_main() -> None:
 
     try:
         done = anyio.run(_part, orders, add)
-    except ValueError as exc:
-        if not str(exc).startswith("job "):
-            raise
+    except StreamDoesNotReplay as exc:
         out.write(f"error {json.dumps(str(exc))}\n")
         out.flush()
         sys.exit(2)
