@@ -8,6 +8,10 @@ introduced by a header::
     -- Claim up to $2 ready jobs of the given queues, oldest first.
     SELECT ...
 
+A name that starts with ``_`` is a fragment, not a query: SQL that several
+queries share. A query takes one in with a line of its own, ``-- include:
+_name``, which becomes the fragment's text.
+
 The folder is ``engine/sql`` inside an installed wheel and the repository's
 top-level ``sql/`` in a source checkout or editable install.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+_INCLUDE = re.compile(r"^[ \t]*--\s*include:\s*(\S+)[ \t]*$", re.MULTILINE)
 
 
 def sql_dir() -> Path:
@@ -80,6 +85,27 @@ def parse_queries(text: str, source: str = "<string>") -> dict[str, str]:
     return queries
 
 
+def resolve_includes(found: dict[str, str]) -> dict[str, str]:
+    """The queries of ``found`` with every ``-- include: _name`` line replaced by
+    that fragment; the fragments themselves (names starting with ``_``) are left out."""
+
+    def fragment(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if not name.startswith("_") or name not in found:
+            raise ValueError(
+                f"-- include: {name}: no fragment of that name (fragments start with _)"
+            )
+        if _INCLUDE.search(found[name]):
+            raise ValueError(f"fragment {name!r} includes another: fragments do not nest")
+        return found[name]
+
+    return {
+        name: _INCLUDE.sub(fragment, body)
+        for name, body in found.items()
+        if not name.startswith("_")
+    }
+
+
 @functools.cache
 def queries() -> dict[str, str]:
     """Every named runtime query, from every file in ``sql/queries``."""
@@ -89,7 +115,7 @@ def queries() -> dict[str, str]:
             if name in found:
                 raise ValueError(f"{path.name}: query {name!r} is also defined elsewhere")
             found[name] = body
-    return found
+    return resolve_includes(found)
 
 
 class Queries:

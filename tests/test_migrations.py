@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from engine.postgres import MigrationError, connect, migrate
-from engine.sqlfiles import migrations, parse_queries, queries
+from engine.sqlfiles import migrations, parse_queries, queries, resolve_includes
 from engine.store import JSON_COLUMNS
 from projections.job_state import JOB_FIELDS
 
@@ -89,6 +89,22 @@ def test_every_named_query_parses() -> None:
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     with pytest.raises(ValueError, match="no '-- name:' header"):
         parse_queries("SELECT 1;")
+
+
+def test_a_query_takes_in_a_fragment_by_name() -> None:
+    found = parse_queries("-- name: _cols\na, b\n-- name: q\nSELECT\n  -- include: _cols\nFROM t;")
+    assert resolve_includes(found) == {"q": "SELECT\na, b\nFROM t;"}
+    with pytest.raises(ValueError, match="include: _nope: no fragment of that name"):
+        resolve_includes(parse_queries("-- name: q\nSELECT\n-- include: _nope\n;"))
+    with pytest.raises(ValueError, match="include: cols: no fragment"):
+        resolve_includes(parse_queries("-- name: cols\na\n-- name: q\n-- include: cols\n"))
+    with pytest.raises(ValueError, match="fragments do not nest"):
+        resolve_includes(
+            parse_queries("-- name: _a\nx\n-- name: _b\n-- include: _a\n-- name: q\n-- include: _b")
+        )
+    # The write statements share theirs; none is left unresolved anywhere.
+    assert not any("-- include:" in body for body in queries().values())
+    assert not any(name.startswith("_") for name in queries())
 
 
 def test_the_public_surface_resolves() -> None:

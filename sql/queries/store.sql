@@ -1,3 +1,41 @@
+-- The parts the three write statements share (fragments: see engine/sqlfiles.py).
+
+-- name: _template
+-- The template row: the reducer's first row of the write, as a record, once.
+t AS MATERIALIZED (
+    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
+),
+
+-- name: _rows
+-- Each job's row: the template, overlaid with the columns in which the job's
+-- row differs ($3, NULL when none does), for the ids of $2 in their order (n).
+x.version, x.operator, x.label, x.description, x.queue, x.status,
+x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
+x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
+x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
+x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
+x.status_message, x.idempotency_key, x.created_at, x.started_at,
+x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
+FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
+     LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
+
+-- name: _events
+-- The events' shared values, once a statement (a shared time parsed once).
+ev AS MATERIALIZED (
+    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
+           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
+           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
+                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
+),
+
+-- name: _event_values
+-- The event of the n-th job (u.n): its own type, data, meta and time, or the
+-- shared one.
+coalesce(ev.type ->> (u.n::int - 1), ev.type #>> '{}'),
+coalesce(ev.data -> (u.n::int - 1), ev.data),
+coalesce(ev.meta -> (u.n::int - 1), ev.meta),
+coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
+
 -- name: append_events
 -- Append one event to each of several existing streams and write each job's
 -- new row, in one statement. The parameters are those of create_streams
@@ -14,20 +52,11 @@
 -- The result is one row, the ids of the jobs written, or no row at all when
 -- none was: the uncorrelated sub-select (the NOTIFY) runs once, and only when
 -- that row is produced.
-WITH t AS MATERIALIZED (
-    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
-),
+WITH
+-- include: _template
 s AS (
     SELECT u.n, u.id,
-           x.version, x.operator, x.label, x.description, x.queue, x.status,
-           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
-           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
-           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
-           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
-           x.status_message, x.idempotency_key, x.created_at, x.started_at,
-           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
-    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
-         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
+-- include: _rows
 ),
 moved AS (
     UPDATE jobledger.jobs AS j
@@ -48,20 +77,12 @@ moved AS (
     WHERE j.id = ANY($2::uuid[]) AND j.id = s.id AND j.version = s.version - 1
     RETURNING j.id, j.version, s.n
 ),
-ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
-    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
-           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
-           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
-                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
-),
+-- include: _events
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
-    SELECT m.id, m.version,
-           coalesce(ev.type ->> (m.n::int - 1), ev.type #>> '{}'),
-           coalesce(ev.data -> (m.n::int - 1), ev.data),
-           coalesce(ev.meta -> (m.n::int - 1), ev.meta),
-           coalesce(ev.shared_at, (ev.at ->> (m.n::int - 1))::timestamptz)
-    FROM ev, moved AS m
+    SELECT u.id, u.version,
+-- include: _event_values
+    FROM ev, moved AS u
     RETURNING job_id
 )
 SELECT array_agg(ins.job_id),
@@ -89,37 +110,20 @@ HAVING count(*) > 0;
 -- an array parameter costs the client ~3 us a statement to encode, and a
 -- single submit paid 24 us more client time with three of them. As in
 -- append_events: one row of the ids stored, or none (and no NOTIFY).
-WITH t AS MATERIALIZED (
-    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
-),
+WITH
+-- include: _template
 created AS (
     INSERT INTO jobledger.jobs
     SELECT u.id,
-           x.version, x.operator, x.label, x.description, x.queue, x.status,
-           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
-           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
-           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
-           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
-           x.status_message, x.idempotency_key, x.created_at, x.started_at,
-           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
-    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
-         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
+-- include: _rows
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
-ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
-    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
-           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
-           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
-                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
-),
+-- include: _events
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
     SELECT u.id, 1,
-           coalesce(ev.type ->> (u.n::int - 1), ev.type #>> '{}'),
-           coalesce(ev.data -> (u.n::int - 1), ev.data),
-           coalesce(ev.meta -> (u.n::int - 1), ev.meta),
-           coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
+-- include: _event_values
     FROM ev, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
     JOIN created ON created.id = u.id
     RETURNING job_id
@@ -136,35 +140,18 @@ HAVING count(*) > 0;
 -- join of the events to the rows created, and only a count back (a failing
 -- row fails it all): 4% more jobs a second than create_streams for batches
 -- of 100 (3 us less server time a job). The same parameters.
-WITH t AS MATERIALIZED (
-    SELECT jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
-),
+WITH
+-- include: _template
 created AS (
     INSERT INTO jobledger.jobs
     SELECT u.id,
-           x.version, x.operator, x.label, x.description, x.queue, x.status,
-           x.priority, x.inputs, x.context, x.tags, x.pinned, x.owner, x.parent_id,
-           x.attempt, x.max_attempts, x.restart_policy, x.retry_backoff,
-           x.retry_backoff_max, x.run, x.run_at, x.timeout, x.progress, x.result,
-           x.error, x.artifacts, x.worker, x.run_link, x.status_reason,
-           x.status_message, x.idempotency_key, x.created_at, x.started_at,
-           x.finished_at, x.updated_at, x.status_changed_at, x.deleted_at
-    FROM t, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n),
-         LATERAL jsonb_populate_record(t.r, $3::jsonb -> (u.n::int - 1)) AS x
+-- include: _rows
 ),
-ev AS MATERIALIZED (  -- the events' shared values, once (a shared time parsed once)
-    SELECT $4::jsonb -> 'type' AS type, $4::jsonb -> 'data' AS data,
-           $4::jsonb -> 'meta' AS meta, $4::jsonb -> 'at' AS at,
-           CASE WHEN jsonb_typeof($4::jsonb -> 'at') = 'string'
-                THEN ($4::jsonb ->> 'at')::timestamptz END AS shared_at
-),
+-- include: _events
 ins AS (
     INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
     SELECT u.id, 1,
-           coalesce(ev.type ->> (u.n::int - 1), ev.type #>> '{}'),
-           coalesce(ev.data -> (u.n::int - 1), ev.data),
-           coalesce(ev.meta -> (u.n::int - 1), ev.meta),
-           coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
+-- include: _event_values
     FROM ev, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
     RETURNING 1
 )
