@@ -120,7 +120,10 @@ def compile_filters(filters: dict[str, Any], *, start: int = 0) -> Compiled:
             values = [str(v) for v in _values(name, value)]
             if name == "status":
                 values = [check_status(v) for v in values]
-            clauses.append(f"{name} = ANY({c.param(values)}::text[])")
+            if len(values) == 1:  # a constant: the index on (name, created_at) gives the order
+                clauses.append(f"{name} = {c.param(values[0])}::text")
+            else:
+                clauses.append(f"{name} = ANY({c.param(values)}::text[])")
         elif name == "ids":
             clauses.append(
                 f"id = ANY({c.param([_uuid(name, v) for v in _values(name, value)])}::uuid[])"
@@ -230,6 +233,30 @@ def after_cursor(c: Compiled, keys: list[tuple[str, bool]], values: list[Any]) -
 class _Cursor(msgspec.Struct, array_like=True):
     order: list[str]
     values: list[Any]
+
+
+def page_query(
+    filters: dict[str, Any],
+    keys: list[tuple[str, bool]],
+    *,
+    limit: int,
+    offset: int = 0,
+    cursor: str | None = None,
+) -> tuple[str, list[Any]]:
+    """The SELECT of one page of jobs (each row one job as JSON) and its parameters:
+    the rows matching ``filters`` in the order ``keys`` (from :func:`parse_order`),
+    after ``cursor`` when given, at most ``limit`` of them from ``offset``."""
+    c = compile_filters(filters)
+    where = c.where
+    if cursor is not None:
+        where = f"{where} AND {after_cursor(c, keys, decode_cursor(keys, cursor))}"
+    lim, off = c.param(limit), c.param(offset)
+    # Fixed fragments only; every value is a parameter.
+    sql = (
+        f"SELECT to_json(j) FROM jobledger.jobs AS j WHERE {where} "
+        f"ORDER BY {order_sql(keys)} LIMIT {lim} OFFSET {off}"
+    )
+    return sql, c.params
 
 
 def encode_cursor(keys: list[tuple[str, bool]], job: Any) -> str:

@@ -598,17 +598,8 @@ class JobLedger:
         if offset < 0:
             raise ValueError(f"offset must not be negative, got {offset}")
         keys = flt.parse_order(order_by)
-        c = flt.compile_filters(filters)
-        where = c.where
-        if cursor is not None:
-            where = f"{where} AND {flt.after_cursor(c, keys, flt.decode_cursor(keys, cursor))}"
-        lim, off = c.param(limit + 1), c.param(offset)
-        # Fixed fragments only (see engine/filters.py); every value is a parameter.
-        sql = (
-            f"SELECT to_json(j) FROM jobledger.jobs AS j WHERE {where} "
-            f"ORDER BY {flt.order_sql(keys)} LIMIT {lim} OFFSET {off}"
-        )
-        rows = await self.pool.fetch(sql, *c.params)
+        sql, params = flt.page_query(filters, keys, limit=limit + 1, offset=offset, cursor=cursor)
+        rows = await self.pool.fetch(sql, *params)
         jobs = [store.decode_job(r[0]) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(jobs, flt.encode_cursor(keys, jobs[-1]) if more and jobs else None)

@@ -135,3 +135,37 @@ async def test_tag_and_context_filters_can_use_their_partial_indexes(
         )
     assert index in "\n".join(r[0] for r in plan)
     assert await ledger.count(**filters) == len(await ledger.list(**filters, limit=1000)) > 0
+
+
+@pytest.mark.parametrize(
+    ("filters", "index"),
+    [
+        ({}, "jobs_created"),
+        ({"status": "queued"}, "jobs_status_created"),
+        ({"status": "queued", "operator": "noop"}, "jobs_operator_status_created"),
+        ({"queue": "default"}, "jobs_queue_created"),
+    ],
+)
+@pytest.mark.parametrize("newest_first", [True, False])
+async def test_listing_pages_are_index_range_scans(
+    ledger: JobLedger, jobs, filters: dict, index: str, newest_first: bool
+) -> None:
+    """The listing indexes are ascending (migration 010) and serve both orders, with
+    and without a cursor: a page is a range scan, never a sort of the matches."""
+    from engine.filters import page_query, parse_order
+
+    keys = parse_order("-created_at" if newest_first else "created_at")
+    first = await ledger.page(
+        order_by="-created_at" if newest_first else "created_at", limit=2, **filters
+    )
+    assert first.cursor is not None
+    for cursor in (None, first.cursor):
+        sql, params = page_query(filters, keys, limit=3, cursor=cursor)
+        async with ledger.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            await conn.execute("SET LOCAL enable_bitmapscan = off")
+            await conn.execute("SET LOCAL enable_sort = off")
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *params))
+        assert index in plan, plan
+        assert "Sort" not in plan, plan
+        assert ("Backward" in plan) == newest_first, plan
