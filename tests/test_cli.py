@@ -298,3 +298,48 @@ async def test_tables_show_text_as_written_on_any_console(ledger: JobLedger) -> 
     out = console.export_text()
     # the table, the card's title and label row, the timeline
     assert out.count("Import [draft] cats") == 4 and "a [bold]b[/bold] c" in out
+
+
+async def test_audit_is_newest_first_in_log_order_and_reads_time_windows(
+    ledger: JobLedger, db: str
+) -> None:
+    """audit lists events newest first in the log's order, (tx_id, position); a time
+    window keeps exactly the events recorded in it and reads the BRIN index (011)."""
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 2)
+    await ledger.mark_running(jobs[0].id, actor="exec")
+    await ledger.cancel(jobs[1].id, actor="ana")
+    log = [rec for j in jobs for rec in await ledger.history(j.id)]
+    code, out, _ = await cli(db, "audit", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert [(e["tx_id"], e["position"]) for e in listed] == sorted(
+        ((r.tx_id, r.position) for r in log), reverse=True
+    )
+    started = next(r for r in log if r.type == "job.started")
+    later = max(r.recorded_at for r in log)
+    code, out, _ = await cli(
+        db,
+        "audit",
+        "--json",
+        "--since",
+        started.recorded_at.isoformat(),
+        "--until",
+        later.isoformat(),
+    )
+    window = {e["position"] for e in json.loads(out)}
+    assert (
+        window == {r.position for r in log if started.recorded_at <= r.recorded_at < later}
+        and started.position in window
+    )
+
+    from engine.sqlfiles import Q
+
+    async with ledger.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                f"EXPLAIN {Q.audit}", None, started.recorded_at, later, None, None, 10
+            )
+        )
+    assert "events_recorded_at_brin" in plan, plan
