@@ -88,6 +88,8 @@ def utcnow() -> datetime:
 
 
 _last_id = [0, 0]  # (milliseconds, counter) of the last id made by this process
+_random_bits = random.getrandbits
+_MS_MASK, _VERSION_7, _VARIANT = (1 << 48) - 1, 0x7 << 76, 0b10 << 62
 
 
 def new_job_id() -> UUID:
@@ -103,13 +105,14 @@ def new_job_id() -> UUID:
     if ms <= last_ms:
         ms, counter = last_ms, counter + 1
         if counter > 0xFFF:
-            ms, counter = ms + 1, random.getrandbits(10)
+            ms, counter = ms + 1, _random_bits(10)
     else:
-        counter = random.getrandbits(10)
-    _last_id[:] = [ms, counter]
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64
-    value |= 0b10 << 62 | random.getrandbits(62)
-    return UUID(int=value)
+        counter = _random_bits(10)
+    _last_id[0], _last_id[1] = ms, counter
+    # version 7 in bits 76-79, variant 0b10 in bits 62-63, 62 random bits below
+    return UUID(
+        int=(ms & _MS_MASK) << 80 | _VERSION_7 | counter << 64 | _VARIANT | _random_bits(62)
+    )
 
 
 def as_job_id(job_id: UUID | str) -> UUID:
@@ -559,8 +562,10 @@ class JobLedger:
             retry_backoff=spec.retry_backoff if spec.retry_backoff is not None else backoff,
             retry_backoff_max=backoff_max,
             timeout=spec.timeout if spec.timeout is not None else timeout,
-            tags=tuple(str(t) for t in spec.tags),
-            context=to_json_value(spec.operator, spec.context, what="context"),
+            tags=tuple(map(str, spec.tags)) if spec.tags else (),
+            context=to_json_value(spec.operator, spec.context, what="context")
+            if spec.context
+            else {},
             parent_id=spec.parent_id,
             owner=spec.owner,
             idempotency_key=spec.idempotency_key,
