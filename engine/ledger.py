@@ -42,6 +42,7 @@ from uuid import UUID
 import anyio
 import msgspec
 import structlog
+from asyncpg.pgproto.pgproto import UUID as _WireUUID
 
 from engine import events as ev
 from engine import filters as flt
@@ -99,6 +100,12 @@ def new_job_id() -> UUID:
     same millisecond (a batch) still sort in submission order: the 12-bit
     ``rand_a`` field holds a counter that restarts at a random value each
     millisecond (the RFC's "method 1").
+
+    The value is asyncpg's ``UUID``, the type asyncpg itself returns for
+    ``uuid`` columns: a subclass of :class:`uuid.UUID` (equal to, and hashing
+    like, the same id as a ``uuid.UUID``) that is built from its 16 bytes in C
+    (0.5 us against 2 for ``UUID(int=...)``) and that asyncpg sends without
+    converting it first.
     """
     ms = time.time_ns() // 1_000_000
     last_ms, counter = _last_id
@@ -110,9 +117,8 @@ def new_job_id() -> UUID:
         counter = _random_bits(10)
     _last_id[0], _last_id[1] = ms, counter
     # version 7 in bits 76-79, variant 0b10 in bits 62-63, 62 random bits below
-    return UUID(
-        int=(ms & _MS_MASK) << 80 | _VERSION_7 | counter << 64 | _VARIANT | _random_bits(62)
-    )
+    value = (ms & _MS_MASK) << 80 | _VERSION_7 | counter << 64 | _VARIANT | _random_bits(62)
+    return _WireUUID(value.to_bytes(16, "big"))
 
 
 def as_job_id(job_id: UUID | str) -> UUID:
