@@ -154,10 +154,9 @@ async def test_listing_pages_are_index_range_scans(
     and without a cursor: a page is a range scan, never a sort of the matches."""
     from engine.filters import page_query, parse_order
 
-    keys = parse_order("-created_at" if newest_first else "created_at")
-    first = await ledger.page(
-        order_by="-created_at" if newest_first else "created_at", limit=2, **filters
-    )
+    order = "-created_at" if newest_first else "created_at"
+    keys = parse_order(order)
+    first = await ledger.page(order_by=order, limit=2, **filters)
     assert first.cursor is not None
     for cursor in (None, first.cursor):
         sql, params = page_query(filters, keys, limit=3, cursor=cursor)
