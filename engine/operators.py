@@ -125,6 +125,8 @@ def _invalid(name: str, exc: msgspec.ValidationError) -> InvalidInputs:
 
 def json_values(value: Any, *, what: str) -> Any:
     """``value`` as plain JSON values, or ``ValueError`` naming ``what`` is not JSON."""
+    if value is None:  # most jobs have no inputs: no encoding round trip
+        return None
     try:
         return msgspec.json.decode(msgspec.json.encode(value))
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:

@@ -146,3 +146,57 @@ def test_every_state_survives_the_table_round_trip(seq: list[ev.Event]) -> None:
         state = apply(state, rec)
         assert msgspec.json.decode(msgspec.json.encode(state), type=Job) == state
         assert state.version == rec.version and state.updated_at == rec.recorded_at
+
+
+maybe_text = st.none() | name
+submitted_events = st.builds(
+    ev.Submitted,
+    operator=name,
+    label=name,
+    queue=name,
+    description=maybe_text,
+    inputs=st.none() | st.dictionaries(name, st.integers()),
+    priority=st.integers(-5, 5),
+    run_at=st.none() | st.sampled_from([T0, datetime(2027, 1, 1, tzinfo=UTC)]),
+    max_attempts=st.integers(1, 5),
+    restart_policy=st.sampled_from(["never", "on_error"]),
+    retry_backoff=st.floats(0, 10),
+    retry_backoff_max=st.floats(10, 100),
+    timeout=st.none() | st.floats(1, 100),
+    tags=st.lists(name, max_size=3).map(tuple),
+    context=st.dictionaries(name, st.integers(), max_size=2),
+    parent_id=st.none() | st.uuids(),
+    owner=maybe_text,
+    idempotency_key=maybe_text,
+)
+
+
+@given(submitted_events, maybe_text, maybe_text)
+def test_a_submitted_job_is_its_event(e: ev.Submitted, reason, message) -> None:
+    """Every field of a new job comes from its event and envelope (the reducer builds it
+    in two steps from a base job, so no field may be left at the base's value)."""
+    from uuid import uuid4
+
+    meta = ev.Meta(reason=reason, message=message)
+    rec = ev.Recorded(job_id=uuid4(), version=1, event=e, recorded_at=T0, meta=meta)
+    job, again = apply(None, rec), apply(None, rec)
+    due = e.run_at or T0
+    expected = {
+        "id": rec.job_id, "version": 1, "operator": e.operator, "label": e.label,
+        "description": e.description, "queue": e.queue,
+        "status": "scheduled" if due > T0 else "queued", "priority": e.priority,
+        "inputs": e.inputs, "context": e.context, "tags": list(dict.fromkeys(e.tags)),
+        "pinned": False, "owner": e.owner, "parent_id": e.parent_id, "attempt": 0,
+        "max_attempts": e.max_attempts, "restart_policy": e.restart_policy,
+        "retry_backoff": e.retry_backoff, "retry_backoff_max": e.retry_backoff_max, "run": 1,
+        "run_at": due, "timeout": e.timeout, "progress": None, "result": None, "error": None,
+        "artifacts": [], "worker": None, "run_link": None, "status_reason": reason,
+        "status_message": message, "idempotency_key": e.idempotency_key, "created_at": T0,
+        "started_at": None, "finished_at": None, "updated_at": T0, "status_changed_at": T0,
+        "deleted_at": None,
+    }  # fmt: skip
+    assert msgspec.structs.asdict(job) == expected
+    # the containers are the job's own: not shared with another job or the event
+    for field in ("context", "tags", "artifacts"):
+        assert getattr(job, field) is not getattr(again, field)
+    assert job.context is not e.context
