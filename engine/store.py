@@ -280,7 +280,10 @@ async def create(
 
     Returns the ids of the jobs stored; a job missing from it was skipped
     because its idempotency key is taken. A batch without idempotency keys
-    is stored whole or not at all.
+    is stored whole or not at all. The statement follows the batch's shape:
+    ``create_streams`` when a key may conflict, ``create_stream`` for one job,
+    ``create_streams_plain`` for more; all take the rows of
+    :func:`_encode_writes`.
     """
     if not changes:
         return set()
@@ -293,6 +296,9 @@ async def create(
     params = _encode_writes(changes)
     if any(c.state.idempotency_key is not None for c in changes):
         return _ids(await conn.fetchval(Q.create_streams, *params, notify))
+    if len(changes) == 1:
+        await conn.fetchval(Q.create_stream, params.template, params.ids[0], params.events, notify)
+        return {changes[0].state.id}
     count = await conn.fetchval(Q.create_streams_plain, *params, notify)
     if count != len(changes):  # pragma: no cover - the statement is all or nothing
         raise RuntimeError(f"stored {count} of {len(changes)} new jobs")

