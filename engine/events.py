@@ -59,8 +59,14 @@ def checked_artifact(artifact: Artifact) -> Artifact:
     return artifact
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
-    """Base of every event. ``type(event).tag`` is its stable stored name."""
+class Event(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", gc=False
+):
+    """Base of every event. ``type(event).tag`` is its stable stored name.
+
+    Events hold JSON values only and are not tracked by the cyclic garbage
+    collector (``gc=False``; see :class:`projections.job_state.Job`).
+    """
 
     tag: ClassVar[str]
 
@@ -227,7 +233,7 @@ AnyEvent = (
 """The tagged union of every event, for decoding a payload that carries its type."""
 
 
-class Meta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Meta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """Who and why: stored beside each event in ``meta``."""
 
     actor: str | None = None
@@ -239,7 +245,7 @@ class Meta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     schema: int = SCHEMA_VERSION
 
 
-class Recorded(msgspec.Struct, frozen=True, kw_only=True):
+class Recorded(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event in its stream: the envelope the reducer folds.
 
     ``position`` and ``tx_id`` are ``None`` until the event is stored.

@@ -83,7 +83,7 @@ Executor = asyncpg.Connection | Pool
 """What the functions here run their statements on: a connection, or the pool."""
 
 
-class Change(msgspec.Struct, frozen=True):
+class Change(msgspec.Struct, frozen=True, gc=False):
     """One append: the event and the job row the reducer made of it."""
 
     state: Job
