@@ -154,12 +154,18 @@ async def append(
     """Append one event to each of several existing streams, with their new rows.
 
     Returns the ids of the jobs written; a job missing from it was moved by
-    another writer first and nothing was written for it.
+    another writer first and nothing was written for it. One job goes
+    through ``append_event``, more through ``append_events``; both take the
+    rows of :func:`_encode_writes`.
     """
     if not changes:
         return set()
+    w = _encode_writes(changes)
     try:
-        written = await conn.fetchval(Q.append_events, *_encode_writes(changes), notify)
+        if len(changes) == 1:
+            written = await conn.fetchval(Q.append_event, w.template, w.ids[0], w.events, notify)
+        else:
+            written = await conn.fetchval(Q.append_events, *w, notify)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_stream_version":
             # The row guard let it through but the log already has that
