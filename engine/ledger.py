@@ -153,7 +153,7 @@ def error_info(error: BaseException | ev.ErrorInfo | str | Mapping[str, Any]) ->
     return msgspec.convert(dict(error), ev.ErrorInfo)
 
 
-class JobSpec(msgspec.Struct, kw_only=True):
+class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One job to submit: the arguments of :meth:`JobLedger.submit` as a value.
 
     ``delay`` (seconds) and ``run_at`` (an aware datetime) both postpone the
@@ -1184,6 +1184,14 @@ def _spec(index: int, value: Mapping[str, Any]) -> JobSpec:
     try:
         return msgspec.convert(value if type(value) is dict else dict(value), JobSpec)
     except msgspec.ValidationError as exc:
+        unknown = sorted(str(k) for k in value if k not in JobSpec.__struct_fields__)
+        if unknown:  # a misspelt key would otherwise drop its value unseen
+            raise ValueError(
+                f"submit_many item {index}: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; a job spec takes "
+                f"{', '.join(JobSpec.__struct_fields__)} (actor and reason are arguments "
+                "of submit_many itself)"
+            ) from exc
         raise InvalidInputs(str(value.get("operator", "?")), f"item {index}: {exc}") from exc
 
 

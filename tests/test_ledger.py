@@ -215,6 +215,11 @@ async def test_submit_many_keeps_order_and_is_all_or_nothing(ledger: JobLedger) 
         )
     with pytest.raises(InvalidInputs, match="item 0"):
         await ledger.submit_many([{"operator": "noop", "priority": "high"}])
+    # a misspelt key is refused, not dropped with its value
+    with pytest.raises(ValueError, match="item 1: unknown key 'priorty'; a job spec takes"):
+        await ledger.submit_many([{"operator": "noop"}, {"operator": "noop", "priorty": 5}])
+    with pytest.raises(ValueError, match=r"unknown keys 'actor', 'reason'.*of submit_many"):
+        await ledger.submit_many([{"operator": "noop", "actor": "ana", "reason": "r"}])
     assert await ledger.count() == 50
 
 
