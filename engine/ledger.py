@@ -442,24 +442,27 @@ class JobLedger:
         to no process raises :class:`UnknownOperator`. A second submit with the
         same ``idempotency_key`` returns the first job and writes nothing.
         """
-        spec = JobSpec(
-            operator=operator,
-            inputs=inputs,
-            label=label,
-            description=description,
-            queue=queue,
-            priority=priority,
-            run_at=run_at,
-            delay=delay.total_seconds() if isinstance(delay, timedelta) else delay,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            restart_policy=restart_policy,
-            retry_backoff=retry_backoff,
-            tags=flt.as_list(tags),
-            context=dict(context or {}),
-            parent_id=as_job_id(parent_id) if parent_id is not None else None,
-            owner=owner,
-            idempotency_key=idempotency_key,
+        spec = _spec(
+            None,
+            {
+                "operator": operator,
+                "inputs": inputs,
+                "label": label,
+                "description": description,
+                "queue": queue,
+                "priority": priority,
+                "run_at": run_at,
+                "delay": delay.total_seconds() if isinstance(delay, timedelta) else delay,
+                "max_attempts": max_attempts,
+                "timeout": timeout,
+                "restart_policy": restart_policy,
+                "retry_backoff": retry_backoff,
+                "tags": flt.as_list(tags),
+                "context": dict(context or {}),
+                "parent_id": as_job_id(parent_id) if parent_id is not None else None,
+                "owner": owner,
+                "idempotency_key": idempotency_key,
+            },
         )
         [job] = await self.submit_many([spec], actor=actor, reason=reason)
         return job
@@ -474,10 +477,11 @@ class JobLedger:
         """Submit many jobs in one round trip; returns them in the order given.
 
         Each item is a :class:`JobSpec` or a mapping with the keyword arguments
-        of :meth:`submit`. Every item is validated before anything is written:
-        one bad item fails the whole call and stores nothing.
+        of :meth:`submit`. Every item is validated before anything is written
+        (a ``JobSpec``'s fields too: building one checks nothing): one bad item
+        fails the whole call and stores nothing.
         """
-        items = [s if isinstance(s, JobSpec) else _spec(i, s) for i, s in enumerate(specs)]
+        items = [_spec(i, s) for i, s in enumerate(specs)]
         if not items:
             return []
         at = utcnow()
@@ -1111,9 +1115,10 @@ class _Defaults(NamedTuple):
 
 
 def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Change:
-    """The change that submits ``spec``: its ``job.submitted`` event and the reducer's row.
+    """The change that submits ``spec`` (checked by :func:`_spec`): its ``job.submitted``
+    event and the reducer's row.
 
-    Raises ``ValueError`` (or :class:`InvalidInputs`) naming the bad field.
+    Raises ``ValueError`` (or :class:`InvalidInputs`) naming the bad value.
     """
     inputs = d.inputs(spec.inputs)
     run_at, delay = spec.run_at, spec.delay
@@ -1126,14 +1131,6 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Cha
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay}")
         run_at = at + timedelta(seconds=delay)
-    priority = spec.priority
-    if type(priority) is not int:
-        try:
-            if isinstance(priority, bool):
-                raise TypeError
-            priority = as_index(priority)  # numpy's integers and the like
-        except TypeError:
-            raise ValueError(f"priority must be an integer, got {priority!r}") from None
     max_attempts, timeout, policy = spec.max_attempts, spec.timeout, spec.restart_policy
     if max_attempts is not None and max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -1148,14 +1145,14 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Cha
         label=spec.label or spec.operator,
         queue=spec.queue or d.queue,
         inputs=inputs,
-        priority=priority,
+        priority=spec.priority,
         run_at=run_at,
         max_attempts=max_attempts or d.max_attempts,
         restart_policy=policy or d.policy,
         retry_backoff=spec.retry_backoff if spec.retry_backoff is not None else d.backoff,
         retry_backoff_max=d.backoff_max,
         timeout=timeout if timeout is not None else d.timeout,
-        tags=tuple(map(str, spec.tags)) if spec.tags else (),
+        tags=tuple(spec.tags),
         context=to_json_value(spec.operator, spec.context, what="context") if spec.context else {},
     )
     if (
@@ -1175,24 +1172,44 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Cha
     return Change(apply(None, rec), rec)
 
 
-def _spec(index: int, value: Mapping[str, Any]) -> JobSpec:
-    if not isinstance(value, Mapping):
+def _spec(index: int | None, value: JobSpec | Mapping[str, Any]) -> JobSpec:
+    """A checked :class:`JobSpec` from one (``msgspec`` checks no types when a Struct
+    is built) or from a mapping of :meth:`JobLedger.submit`'s arguments: the
+    field a value does not fit is named, and an unknown key is refused.
+    ``index`` is the item's place in ``submit_many`` (``None`` for ``submit``)."""
+    if type(value) is dict:
+        pass
+    elif isinstance(value, JobSpec):
+        value = msgspec.structs.asdict(value)
+    elif not isinstance(value, Mapping):
         raise TypeError(
             f"submit_many item {index}: expected a JobSpec or a mapping of submit's arguments,"
             f" got {type(value).__name__}"
         )
+    elif type(value) is not dict:
+        value = dict(value)
+    priority = value.get("priority")
+    if priority is not None and type(priority) is not int:  # numpy's integers and the like
+        try:
+            if isinstance(priority, bool):
+                raise TypeError
+            value = {**value, "priority": as_index(priority)}
+        except TypeError:
+            if index is None:  # submit's argument; an item's is named by the conversion
+                raise ValueError(f"priority must be an integer, got {priority!r}") from None
     try:
-        return msgspec.convert(value if type(value) is dict else dict(value), JobSpec)
+        return msgspec.convert(value, JobSpec)
     except msgspec.ValidationError as exc:
+        where = f"item {index}: " if index is not None else ""
         unknown = sorted(str(k) for k in value if k not in JobSpec.__struct_fields__)
         if unknown:  # a misspelt key would otherwise drop its value unseen
             raise ValueError(
-                f"submit_many item {index}: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"submit_many {where}unknown key{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(map(repr, unknown))}; a job spec takes "
                 f"{', '.join(JobSpec.__struct_fields__)} (actor and reason are arguments "
                 "of submit_many itself)"
             ) from exc
-        raise InvalidInputs(str(value.get("operator", "?")), f"item {index}: {exc}") from exc
+        raise InvalidInputs(str(value.get("operator", "?")), f"{where}{exc}") from exc
 
 
 def _tags(tags: Iterable[str] | str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from engine import (
     JobFailed,
     JobLedger,
     JobNotFound,
+    JobSpec,
     PayloadTooLarge,
     UnknownOperator,
     WaitTimeout,
@@ -221,6 +222,30 @@ async def test_submit_many_keeps_order_and_is_all_or_nothing(ledger: JobLedger) 
     with pytest.raises(ValueError, match=r"unknown keys 'actor', 'reason'.*of submit_many"):
         await ledger.submit_many([{"operator": "noop", "actor": "ana", "reason": "r"}])
     assert await ledger.count() == 50
+
+
+async def test_a_job_spec_is_checked_like_a_mapping(ledger: JobLedger) -> None:
+    # Building a msgspec Struct checks no types: a JobSpec with a list for its
+    # context once wrote a job.submitted event that no replay could decode.
+    cases = [
+        (JobSpec(operator="noop", context=[("a", 1)]), r"\$\.context"),
+        (JobSpec(operator="noop", tags="gpu"), r"\$\.tags"),
+        (JobSpec(operator="noop", run_at="tomorrow"), r"\$\.run_at"),
+        (JobSpec(operator="noop", max_attempts="3"), r"\$\.max_attempts"),
+        (JobSpec(operator="noop", label=5), r"\$\.label"),
+        (JobSpec(operator="noop", parent_id="x"), r"\$\.parent_id"),
+    ]
+    for spec, where in cases:
+        with pytest.raises(InvalidInputs, match=rf"item 1: .* - at `{where}`"):
+            await ledger.submit_many([JobSpec(operator="noop"), spec])
+    with pytest.raises(InvalidInputs, match=r"\$\.run_at"):
+        await ledger.submit("noop", run_at="tomorrow")  # type: ignore[arg-type]
+    assert await ledger.count() == 0
+    # what converts does: an RFC 3339 time, a tuple of tags
+    [job] = await ledger.submit_many(
+        [JobSpec(operator="noop", run_at="2030-01-01T00:00:00Z", tags=("a", "b"))]
+    )
+    assert job.run_at == datetime(2030, 1, 1, tzinfo=UTC) and job.tags == ["a", "b"]
 
 
 async def test_submit_many_stores_each_jobs_own_values(ledger: JobLedger) -> None:
