@@ -137,9 +137,10 @@ class Completer:
         """Append ``event`` for ``hold``; the new state, or ``None`` when fenced off.
 
         An event over the size limit raises :class:`PayloadTooLarge` here,
-        before it joins a batch, and nothing is written.
+        before it joins a batch, and nothing is written; so does one that the
+        log's readers could not decode (``ValueError``).
         """
-        store.check_size(event)
+        store.check_event(event)
         item = _Pending(hold, event, reason, message, self._batch_done)
         self._queue.append(item)
         self._wake.set()

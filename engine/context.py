@@ -67,7 +67,8 @@ class JobContext:
         """Report progress: a fraction in 0..1, a message, an iteration, named metrics.
 
         Raises :class:`PayloadTooLarge` when the report (merged with what is
-        pending) is too large to store; the pending report is then kept as it was.
+        pending) is too large to store, ``ValueError`` when a value has the
+        wrong type; the pending report is then kept as it was.
         """
         new = progress_event(fraction, message, iteration, metrics)
         old = self._pending
@@ -78,7 +79,7 @@ class JobContext:
                 iteration=new.iteration if new.iteration is not None else old.iteration,
                 metrics={**old.metrics, **new.metrics},
             )
-        store.check_size(new)  # raised here, to the handler, even when coalesced
+        store.check_event(new)  # raised here, to the handler, even when coalesced
         self._pending = new
         if time.monotonic() - self._last_write >= self._interval:
             await self.flush()

@@ -35,6 +35,11 @@ def decode_event(type_: str, data: str | bytes) -> ev.Event:
     return decoder.decode(upcast(type_, data))
 
 
+def decode_meta(data: str | bytes) -> ev.Meta:
+    """A stored ``meta`` -> :class:`engine.events.Meta`."""
+    return _meta_decoder.decode(data)
+
+
 def recorded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
     """An ``events`` row (position, job_id, version, type, data, meta, recorded_at, tx_id)."""
     return ev.Recorded(
@@ -42,7 +47,7 @@ def recorded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
         version=row["version"],
         event=decode_event(row["type"], row["data"]),  # type: ignore[arg-type]
         recorded_at=row["recorded_at"],
-        meta=_meta_decoder.decode(row["meta"]),
+        meta=decode_meta(row["meta"]),
         position=row["position"],
         tx_id=row["tx_id"],
     )

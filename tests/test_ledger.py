@@ -248,6 +248,29 @@ async def test_a_job_spec_is_checked_like_a_mapping(ledger: JobLedger) -> None:
     assert job.run_at == datetime(2030, 1, 1, tzinfo=UTC) and job.tags == ["a", "b"]
 
 
+async def test_no_write_stores_an_event_its_readers_cannot_decode(ledger: JobLedger) -> None:
+    # Wrong types from a caller (no annotation is checked at run time) are
+    # refused before the write, naming the field; a stored one would stop
+    # every replay of the stream (the teardown verify would report it).
+    job = await ledger.submit("noop")
+    cases = [
+        (lambda: ledger.add_tags(job.id, [1, 2]), r"job\.tagged event .* at `\$\.add\[0\]`"),
+        (lambda: ledger.cancel(job.id, reason=5), r"meta of the job\.cancelled .* `\$\.reason`"),
+        (lambda: ledger.submit("noop", actor=3), r"meta of the job\.submitted .* `\$\.actor`"),
+        (lambda: ledger.submit_many([{"operator": "noop"}] * 2, reason=["x"]), r"`\$\.reason`"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            await call()
+    assert await ledger.count() == 1
+    assert [r.type for r in await ledger.history(job.id)] == ["job.submitted"]
+    # a handler's progress and outcomes are checked one by one, before they join
+    # the completer's batch with other jobs' events
+    with pytest.raises(ValueError, match=r"job\.progress event: .* `\$\.message`"):
+        store.check_event(ev.Progressed(message=3))  # type: ignore[arg-type]
+    store.check_event(ev.Progressed(message="ok"))
+
+
 async def test_submit_many_stores_each_jobs_own_values(ledger: JobLedger) -> None:
     # A batch's rows go to the server as one template and, per job, the columns
     # that differ from it (store._encode_streams): every field a submit can set
