@@ -464,7 +464,7 @@ class JobLedger:
                 "idempotency_key": idempotency_key,
             },
         )
-        [job] = await self.submit_many([spec], actor=actor, reason=reason)
+        [job] = await self._submit_checked([spec], actor, reason)
         return job
 
     async def submit_many(
@@ -481,7 +481,12 @@ class JobLedger:
         (a ``JobSpec``'s fields too: building one checks nothing): one bad item
         fails the whole call and stores nothing.
         """
-        items = [_spec(i, s) for i, s in enumerate(specs)]
+        return await self._submit_checked([_spec(i, s) for i, s in enumerate(specs)], actor, reason)
+
+    async def _submit_checked(
+        self, items: builtins.list[JobSpec], actor: str | None, reason: str | None
+    ) -> builtins.list[Job]:
+        """Submit specs that :func:`_spec` made (see :meth:`submit_many`)."""
         if not items:
             return []
         at = utcnow()
