@@ -256,11 +256,17 @@ def _transition(state: Job, rec: ev.Recorded) -> Job:
     e = rec.event
     at = rec.recorded_at
     match e:
+        # The two transitions of every job call replace() with their keywords,
+        # as _status would, without its **changes: a ** call builds a dict
+        # (about 1 us of the 2.5 either cost; tests/test_properties.py folds
+        # every event type).
         case ev.Started():
-            return _status(
+            return replace(
                 state,
-                "running",
-                rec,
+                status="running",
+                status_changed_at=at,
+                status_reason=rec.meta.reason,
+                status_message=rec.meta.message,
                 attempt=state.attempt + 1,
                 started_at=at,
                 finished_at=None,
@@ -281,7 +287,16 @@ def _transition(state: Job, rec: ev.Recorded) -> Job:
                 ),
             )
         case ev.Completed():
-            return _status(state, "completed", rec, result=e.result, error=None, finished_at=at)
+            return replace(
+                state,
+                status="completed",
+                status_changed_at=at,
+                status_reason=rec.meta.reason,
+                status_message=rec.meta.message,
+                result=e.result,
+                error=None,
+                finished_at=at,
+            )
         case ev.Failed():
             return _failed(state, rec, e.error, e.retry_at)
         case ev.Abandoned():

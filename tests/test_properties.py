@@ -200,3 +200,27 @@ def test_a_submitted_job_is_its_event(e: ev.Submitted, reason, message) -> None:
     for field in ("context", "tags", "artifacts"):
         assert getattr(job, field) is not getattr(again, field)
     assert job.context is not e.context
+
+
+@given(st.lists(events, max_size=30))
+def test_a_status_change_is_stamped_with_its_event(seq: list[ev.Event]) -> None:
+    """Whenever an event changes the status, the job records when, why and with what
+    message (its meta's); every transition, inlined or through _status, must."""
+    from datetime import timedelta
+    from uuid import UUID
+
+    state: Job | None = None
+    first = ev.Submitted(operator="op", label="op")
+    for i, e in enumerate([first, *seq]):
+        rec = ev.Recorded(
+            job_id=UUID(int=1),
+            version=i + 1,
+            event=e,
+            recorded_at=T0 + timedelta(seconds=i),
+            meta=ev.Meta(reason=f"r{i}", message=f"m{i}"),
+        )
+        new = apply(state, rec)
+        if state is None or new.status != state.status:
+            stamp = (new.status_changed_at, new.status_reason, new.status_message)
+            assert stamp == (rec.recorded_at, f"r{i}", f"m{i}"), (e, new.status)
+        state = new
