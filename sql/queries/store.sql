@@ -36,6 +36,22 @@ coalesce(ev.data -> (u.n::int - 1), ev.data),
 coalesce(ev.meta -> (u.n::int - 1), ev.meta),
 coalesce(ev.shared_at, (ev.at ->> (u.n::int - 1))::timestamptz)
 
+-- name: _set_row
+-- An UPDATE of jobs to the new row s, every column but the id.
+    SET (version, operator, label, description, queue, status, priority, inputs,
+         context, tags, pinned, owner, parent_id, attempt, max_attempts,
+         restart_policy, retry_backoff, retry_backoff_max, run, run_at, timeout,
+         progress, result, error, artifacts, worker, run_link, status_reason,
+         status_message, idempotency_key, created_at, started_at, finished_at,
+         updated_at, status_changed_at, deleted_at)
+      = (s.version, s.operator, s.label, s.description, s.queue, s.status, s.priority,
+         s.inputs, s.context, s.tags, s.pinned, s.owner, s.parent_id, s.attempt,
+         s.max_attempts, s.restart_policy, s.retry_backoff, s.retry_backoff_max, s.run,
+         s.run_at, s.timeout, s.progress, s.result, s.error, s.artifacts, s.worker,
+         s.run_link, s.status_reason, s.status_message, s.idempotency_key,
+         s.created_at, s.started_at, s.finished_at, s.updated_at, s.status_changed_at,
+         s.deleted_at)
+
 -- name: append_events
 -- Append one event to each of several existing streams and write each job's
 -- new row, in one statement. The parameters are those of create_streams
@@ -60,19 +76,7 @@ s AS (
 ),
 moved AS (
     UPDATE jobledger.jobs AS j
-    SET (version, operator, label, description, queue, status, priority, inputs,
-         context, tags, pinned, owner, parent_id, attempt, max_attempts,
-         restart_policy, retry_backoff, retry_backoff_max, run, run_at, timeout,
-         progress, result, error, artifacts, worker, run_link, status_reason,
-         status_message, idempotency_key, created_at, started_at, finished_at,
-         updated_at, status_changed_at, deleted_at)
-      = (s.version, s.operator, s.label, s.description, s.queue, s.status, s.priority,
-         s.inputs, s.context, s.tags, s.pinned, s.owner, s.parent_id, s.attempt,
-         s.max_attempts, s.restart_policy, s.retry_backoff, s.retry_backoff_max, s.run,
-         s.run_at, s.timeout, s.progress, s.result, s.error, s.artifacts, s.worker,
-         s.run_link, s.status_reason, s.status_message, s.idempotency_key,
-         s.created_at, s.started_at, s.finished_at, s.updated_at, s.status_changed_at,
-         s.deleted_at)
+-- include: _set_row
     FROM s
     WHERE j.id = ANY($2::uuid[]) AND j.id = s.id AND j.version = s.version - 1
     RETURNING j.id, j.version, s.n
@@ -102,21 +106,9 @@ HAVING count(*) > 0;
 -- one row holding the id when it was written, no row when it was not.
 WITH moved AS (
     UPDATE jobledger.jobs AS j
-    SET (version, operator, label, description, queue, status, priority, inputs,
-         context, tags, pinned, owner, parent_id, attempt, max_attempts,
-         restart_policy, retry_backoff, retry_backoff_max, run, run_at, timeout,
-         progress, result, error, artifacts, worker, run_link, status_reason,
-         status_message, idempotency_key, created_at, started_at, finished_at,
-         updated_at, status_changed_at, deleted_at)
-      = (r.version, r.operator, r.label, r.description, r.queue, r.status, r.priority,
-         r.inputs, r.context, r.tags, r.pinned, r.owner, r.parent_id, r.attempt,
-         r.max_attempts, r.restart_policy, r.retry_backoff, r.retry_backoff_max, r.run,
-         r.run_at, r.timeout, r.progress, r.result, r.error, r.artifacts, r.worker,
-         r.run_link, r.status_reason, r.status_message, r.idempotency_key,
-         r.created_at, r.started_at, r.finished_at, r.updated_at, r.status_changed_at,
-         r.deleted_at)
-    FROM jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS r
-    WHERE j.id = $2::uuid AND j.version = r.version - 1
+-- include: _set_row
+    FROM jsonb_populate_record(NULL::jobledger.jobs, $1::jsonb) AS s
+    WHERE j.id = $2::uuid AND j.version = s.version - 1
     RETURNING j.id, j.version
 ),
 ins AS (
