@@ -140,10 +140,7 @@ def check_event(event: ev.Event) -> None:
     data = _encoder.encode(event)
     if len(data) > LIMITS.max_event_bytes:
         raise PayloadTooLarge(f"the {event.tag} event", len(data), LIMITS.max_event_bytes)
-    try:
-        decode_event(event.tag, data)
-    except (msgspec.ValidationError, ValueError) as exc:
-        raise ValueError(f"the {event.tag} event: {exc}") from None
+    _check_decodes(f"the {event.tag} event", decode_event, event.tag, data)
 
 
 def _ids(value: Sequence[UUID] | None) -> set[UUID]:
@@ -201,12 +198,13 @@ _JSON_INDEXES = frozenset(i for i, name in enumerate(JOB_FIELDS) if name in JSON
 _EMPTY = ([], {}, ())
 
 
-def _encoded_once(values: Sequence[Any]) -> list[msgspec.Raw]:
-    """Each value as encoded JSON; one encoding when every value is the same object."""
+def _encoded_once(values: Sequence[Any]) -> list[bytes]:
+    """Each value as encoded JSON; one encoding (a list of one) when every value is
+    the same object."""
     first = values[0]
     if all(v is first for v in values):
-        return [msgspec.Raw(_encoder.encode(first))]
-    return [msgspec.Raw(_encoder.encode(v)) for v in values]
+        return [_encoder.encode(first)]
+    return [_encoder.encode(v) for v in values]
 
 
 def _one_or_each(values: list[Any]) -> Any:
@@ -220,9 +218,11 @@ def _same_json(values: Sequence[Any]) -> bool:
     return encoded.count(encoded[0]) == len(encoded)
 
 
-def _check_readable(changes: Sequence[Change], encoded: Sequence[bytes]) -> None:
-    """Raise ``ValueError`` unless every event and meta decodes as the log's readers
-    will decode it.
+def _check_readable(
+    changes: Sequence[Change], encoded: Sequence[bytes], metas: Sequence[bytes]
+) -> None:
+    """Raise ``ValueError`` unless every event (``encoded``) and meta (``metas``, one
+    or one per change) decodes as the log's readers will decode it.
 
     A Struct is built without type checks, so a caller's wrong value (an
     ``int`` label, a list for a reason) would reach the log and stop every
@@ -230,37 +230,34 @@ def _check_readable(changes: Sequence[Change], encoded: Sequence[bytes]) -> None
     events are mostly alike): ~0.5 us an event.
     """
     # An encoded event carries its type, so equal bytes are the same event.
-    distinct = range(1) if encoded.count(encoded[0]) == len(encoded) else _first_of_each(encoded)
-    for i in distinct:
+    for i in _distinct(encoded):
         rec = changes[i].recorded
-        try:
-            decode_event(rec.type, encoded[i])
-        except (msgspec.ValidationError, ValueError) as exc:
-            raise ValueError(f"the {rec.type} event of job {changes[i].state.id}: {exc}") from None
-    first = changes[0].recorded.meta
-    metas = (
-        [first]
-        if all(c.recorded.meta is first for c in changes)
-        else [c.recorded.meta for c in changes]
-    )
-    for i, meta in enumerate(metas):
-        if i and meta is metas[i - 1]:
-            continue
-        try:
-            decode_meta(_encoder.encode(meta))
-        except msgspec.ValidationError as exc:
-            raise ValueError(
-                f"the meta of the {changes[i].recorded.type} event of job {changes[i].state.id}:"
-                f" {exc}"
-            ) from None
+        _check_decodes(
+            f"the {rec.type} event of job {changes[i].state.id}", decode_event, rec.type, encoded[i]
+        )
+    for i in _distinct(metas):
+        rec = changes[i].recorded
+        _check_decodes(
+            f"the meta of the {rec.type} event of job {changes[i].state.id}", decode_meta, metas[i]
+        )
 
 
-def _first_of_each(values: Sequence[bytes]) -> list[int]:
-    """The index of each distinct value's first occurrence."""
+def _check_decodes(what: str, decode: Any, *args: Any) -> None:
+    """``decode(*args)``, its failure a ``ValueError`` naming ``what`` and the field."""
+    try:
+        decode(*args)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _distinct(values: Sequence[bytes]) -> Iterable[int]:
+    """The index of each distinct value's first occurrence (only 0 when all are equal)."""
+    if values.count(values[0]) == len(values):
+        return range(1)
     seen: dict[bytes, int] = {}
     for i, v in enumerate(values):
         seen.setdefault(v, i)
-    return list(seen.values())
+    return seen.values()
 
 
 def _encode_writes(changes: Sequence[Change]) -> _Writes:
@@ -311,16 +308,22 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         if n > 1:
             what += f" of item {i} of {n} (job {changes[i].state.id})"
         raise PayloadTooLarge(what, len(encoded[i]), limit)
-    _check_readable(changes, encoded)
+    metas = _encoded_once([c.recorded.meta for c in changes])
+    _check_readable(changes, encoded, metas)
     data = [msgspec.Raw(d) for d in encoded]
     if n == 1:  # a single submit or transition: its values are the shared ones (5 us less)
         rec = changes[0].recorded
-        events = {"type": rec.type, "data": data[0], "meta": rec.meta, "at": rec.recorded_at}
+        events = {
+            "type": rec.type,
+            "data": data[0],
+            "meta": msgspec.Raw(metas[0]),
+            "at": rec.recorded_at,
+        }
     else:
         events = {
             "type": _one_or_each([c.recorded.type for c in changes]),
             "data": _one_or_each(data),
-            "meta": _one_or_each(_encoded_once([c.recorded.meta for c in changes])),
+            "meta": _one_or_each([msgspec.Raw(m) for m in metas]),
             "at": _one_or_each([c.recorded.recorded_at for c in changes]),
         }
     return _Writes(
