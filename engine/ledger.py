@@ -62,6 +62,7 @@ from engine.operators import (
     Handler,
     Operator,
     OperatorInfo,
+    RetryPolicy,
     info,
     json_values,
     operator_from_handler,
@@ -1108,15 +1109,21 @@ class _Defaults(NamedTuple):
                 r.backoff_max,
                 r.restart_policy,
             )
+        r = _PUBLISHED_RETRY
         return cls(
             functools.partial(to_json_value, op.name),
             op.queue,
             op.timeout,
             op.max_attempts,
-            1.0,
-            300.0,
-            "on_error",
+            r.backoff,
+            r.backoff_max,
+            r.restart_policy,
         )
+
+
+_PUBLISHED_RETRY = RetryPolicy()
+"""The retry of an operator known only from its published info, which carries
+its ``max_attempts`` but not its backoff: the defaults."""
 
 
 def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Change:
@@ -1191,7 +1198,7 @@ def _spec(index: int | None, value: JobSpec | Mapping[str, Any]) -> JobSpec:
             f"submit_many item {index}: expected a JobSpec or a mapping of submit's arguments,"
             f" got {type(value).__name__}"
         )
-    elif type(value) is not dict:
+    else:
         value = dict(value)
     priority = value.get("priority")
     if priority is not None and type(priority) is not int:  # numpy's integers and the like
