@@ -40,6 +40,18 @@ def decode_meta(data: str | bytes) -> ev.Meta:
     return _meta_decoder.decode(data)
 
 
+def folded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
+    """An event row of the fold's queries (job_id, version, type, data, meta,
+    recorded_at): the envelope the reducer folds, without its place in the log."""
+    return ev.Recorded(
+        job_id=row["job_id"],
+        version=row["version"],
+        event=decode_event(row["type"], row["data"]),  # type: ignore[arg-type]
+        recorded_at=row["recorded_at"],
+        meta=decode_meta(row["meta"]),
+    )
+
+
 def recorded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
     """An ``events`` row (position, job_id, version, type, data, meta, recorded_at, tx_id)."""
     return ev.Recorded(

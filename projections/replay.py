@@ -16,7 +16,7 @@ from uuid import UUID
 import msgspec
 
 from engine import events as ev
-from projections.codec import decode_job, recorded_from_row
+from projections.codec import decode_job, folded_from_row
 from projections.job_state import JOB_FIELDS, Job, NotApplicable, apply
 
 BATCH = 5_000
@@ -94,7 +94,7 @@ async def fold_log(
                 current, state, error = row["job_id"], None, None
             if error is None:
                 try:
-                    state = apply(state, recorded_from_row(row))
+                    state = apply(state, folded_from_row(row))
                 except (NotApplicable, msgspec.ValidationError, ValueError) as exc:
                     error = exc
         yield len(batch), finished
