@@ -53,13 +53,8 @@ def folded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
 
 
 def recorded_from_row(row: Mapping[str, Any]) -> ev.Recorded:
-    """An ``events`` row (position, job_id, version, type, data, meta, recorded_at, tx_id)."""
-    return ev.Recorded(
-        job_id=row["job_id"],
-        version=row["version"],
-        event=decode_event(row["type"], row["data"]),  # type: ignore[arg-type]
-        recorded_at=row["recorded_at"],
-        meta=decode_meta(row["meta"]),
-        position=row["position"],
-        tx_id=row["tx_id"],
+    """An ``events`` row (position, job_id, version, type, data, meta, recorded_at, tx_id):
+    :func:`folded_from_row` with the event's place in the log."""
+    return msgspec.structs.replace(
+        folded_from_row(row), position=row["position"], tx_id=row["tx_id"]
     )
