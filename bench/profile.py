@@ -25,7 +25,7 @@ from bench.server import bench_database, quiet
 from bench.systems import Jobledger
 from engine import events as ev
 from engine import store
-from engine.ledger import _Defaults, _spec, _submission, utcnow
+from engine.ledger import _Defaults, _spec, _submission, new_job_ids, utcnow
 from engine.sqlfiles import Q
 
 
@@ -66,7 +66,8 @@ async def main_async(args: argparse.Namespace) -> None:
             op, meta = await ledger._operator_defaults("noop"), ev.Meta(actor=ledger.actor)
             defaults = _Defaults.of(op)
             changes = [
-                _submission(_spec(i, {"operator": "noop"}), defaults, at, meta) for i in range(size)
+                _submission(_spec(i, {"operator": "noop"}), defaults, at, meta, job_id)
+                for i, job_id in enumerate(new_job_ids(size))
             ]
             params = (*store._encode_writes(changes), None)
             note("submit_many", "python", (time.perf_counter() - t) * 1000)

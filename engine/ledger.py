@@ -109,18 +109,32 @@ def new_job_id() -> UUID:
     (0.5 us against 2 for ``UUID(int=...)``) and that asyncpg sends without
     converting it first.
     """
+    [job_id] = new_job_ids(1)
+    return job_id
+
+
+def new_job_ids(n: int) -> list[UUID]:
+    """``n`` ids as :func:`new_job_id` makes them, in increasing order, reading the
+    clock once: a batch's ids cost 0.2 us each instead of 0.5."""
     ms = time.time_ns() // 1_000_000
     last_ms, counter = _last_id
-    if ms <= last_ms:
-        ms, counter = last_ms, counter + 1
-        if counter > 0xFFF:
-            ms, counter = ms + 1, _random_bits(10)
+    if ms <= last_ms:  # the same millisecond (or the clock went back): count on
+        ms = last_ms
     else:
-        counter = _random_bits(10)
-    _last_id[0], _last_id[1] = ms, counter
+        counter = _random_bits(10) - 1  # the first id of a millisecond counts from here
     # version 7 in bits 76-79, variant 0b10 in bits 62-63, 62 random bits below
-    value = (ms & _MS_MASK) << 80 | _VERSION_7 | counter << 64 | _VARIANT | _random_bits(62)
-    return _WireUUID(value.to_bytes(16, "big"))
+    fixed = (ms & _MS_MASK) << 80 | _VERSION_7 | _VARIANT
+    wire, bits = _WireUUID, _random_bits
+    ids = []
+    for _ in range(n):
+        counter += 1
+        if counter > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
+            ms += 1
+            fixed = (ms & _MS_MASK) << 80 | _VERSION_7 | _VARIANT
+            counter = _random_bits(10)
+        ids.append(wire((fixed | counter << 64 | bits(62)).to_bytes(16, "big")))
+    _last_id[0], _last_id[1] = ms, counter
+    return ids
 
 
 def as_job_id(job_id: UUID | str) -> UUID:
@@ -178,6 +192,18 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     parent_id: UUID | None = None
     owner: str | None = None
     idempotency_key: str | None = None
+
+
+class _CheckedSpec(JobSpec, gc=False):
+    """A :class:`JobSpec` as :func:`_spec` checked it, for the one call that submits it.
+
+    It holds only the caller's values and is never referenced by them, so the
+    cyclic collector need not track it, and its tags are a tuple (``()`` when
+    none is given, a shared constant): a list and a tracked spec for every job
+    of a batch made the collector run a full collection every ~170 batches of
+    100, 0.6 us a job."""
+
+    tags: tuple[str, ...] = ()
 
 
 class Page(msgspec.Struct, frozen=True):
@@ -494,12 +520,13 @@ class JobLedger:
         meta = ev.Meta(actor=actor or self.actor, reason=reason)
         defaults: dict[str, _Defaults] = {}
         changes = []
-        for spec in items:  # in order: the first bad item is the one reported
+        # in order: the first bad item is the one reported
+        for spec, job_id in zip(items, new_job_ids(len(items)), strict=True):
             d = defaults.get(spec.operator)
             if d is None:
                 op = await self._operator_defaults(spec.operator)
                 d = defaults[spec.operator] = _Defaults.of(op)
-            changes.append(_submission(spec, d, at, meta))
+            changes.append(_submission(spec, d, at, meta, job_id))
         await self._check_parents(items)
         stored = await store.create(
             self.pool, changes, notify=store.notification((None, c.state) for c in changes)
@@ -1126,9 +1153,9 @@ _PUBLISHED_RETRY = RetryPolicy()
 its ``max_attempts`` but not its backoff: the defaults."""
 
 
-def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Change:
-    """The change that submits ``spec`` (checked by :func:`_spec`): its ``job.submitted``
-    event and the reducer's row.
+def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta, job_id: UUID) -> Change:
+    """The change that submits ``spec`` (checked by :func:`_spec`) as job ``job_id``:
+    its ``job.submitted`` event and the reducer's row.
 
     Raises ``ValueError`` (or :class:`InvalidInputs`) naming the bad value.
     """
@@ -1180,7 +1207,7 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta) -> Cha
             owner=spec.owner,
             idempotency_key=spec.idempotency_key,
         )
-    rec = ev.Recorded(job_id=new_job_id(), version=1, event=event, recorded_at=at, meta=meta)
+    rec = ev.Recorded(job_id=job_id, version=1, event=event, recorded_at=at, meta=meta)
     return Change(apply(None, rec), rec)
 
 
@@ -1210,7 +1237,7 @@ def _spec(index: int | None, value: JobSpec | Mapping[str, Any]) -> JobSpec:
             if index is None:  # submit's argument; an item's is named by the conversion
                 raise ValueError(f"priority must be an integer, got {priority!r}") from None
     try:
-        return msgspec.convert(value, JobSpec)
+        return msgspec.convert(value, _CheckedSpec)
     except msgspec.ValidationError as exc:
         where = f"item {index}: " if index is not None else ""
         unknown = sorted(str(k) for k in value if k not in JobSpec.__struct_fields__)

@@ -25,7 +25,7 @@ from engine import (
     store,
 )
 from engine import events as ev
-from engine.ledger import new_job_id
+from engine.ledger import new_job_id, new_job_ids
 from engine.postgres import connect
 from engine.sqlfiles import Q
 from engine.store import LIMITS
@@ -350,7 +350,7 @@ async def test_create_keeps_each_events_own_meta_and_time(ledger: JobLedger, db:
         changes.append(store.Change(apply(None, rec), rec))
     conn = await connect(db)
     try:
-        assert await store.create(conn, changes) == {c.state.id for c in changes}
+        assert await store.create(conn, changes) == [c.state.id for c in changes]
         with pytest.raises(ValueError, match=r"job\.submitted at version 1, got job\.started"):
             started = changes[0].recorded
             bad = msgspec.structs.replace(started, version=2, event=ev.Started(worker="w"))
@@ -581,8 +581,14 @@ async def test_progress_updates_are_mostly_heap_only(ledger: JobLedger, db: str)
 
 
 def test_job_ids_are_ordinary_uuid7s_in_submission_order() -> None:
-    ids = [new_job_id() for _ in range(5000)]
+    # one at a time, then batches: 10,000 in one call overflow the 4,096 a
+    # millisecond's counter holds, and each call goes on from the last id
+    ids = [new_job_id() for _ in range(5000)] + new_job_ids(10_000) + new_job_ids(3)
+    ids += [new_job_id(), *new_job_ids(1), *new_job_ids(0)]
+    assert len(ids) == 15_005
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    millis = [u.int >> 80 for u in ids[5000:15_000]]
+    assert millis[-1] - millis[0] >= 2  # the overflow borrowed the following milliseconds
     for u in ids[:50]:
         same = UUID(str(u))
         assert u == same and hash(u) == hash(same) and u.int == same.int
