@@ -22,8 +22,19 @@ Filters (all optional, combined with AND):
 ``include_deleted``        also return deleted jobs (default ``False``)
 =========================  ==================================================
 
-Ordering: ``order_by="-created_at"`` or a list of fields; ``-`` for
-descending. The job id is always the last key, so order and cursors are stable.
+Ordering: ``order_by="-created_at"`` (the default: newest first) or a list of
+fields; ``-`` for descending. The job id is always the last key, so order and
+cursors are stable.
+
+Creation order is id order. A job id is a UUIDv7: its first 48 bits are the
+millisecond of submission, and one process's ids increase in submission
+order. So ``created_at`` (and ``id``) as an order key sorts by id, which is
+what the listing indexes hold (migration 012): newest first is a backward
+scan of an index on ``(filter column, id)``, or of the primary key. Jobs
+submitted in the same millisecond by different processes are listed in id
+order, which may differ from the order of their ``created_at`` microseconds;
+the ``created_after`` / ``created_before`` filters compare ``created_at``
+itself, exactly.
 """
 
 from __future__ import annotations
@@ -120,7 +131,7 @@ def compile_filters(filters: dict[str, Any], *, start: int = 0) -> Compiled:
             values = [str(v) for v in _values(name, value)]
             if name == "status":
                 values = [check_status(v) for v in values]
-            if len(values) == 1:  # a constant: the index on (name, created_at) gives the order
+            if len(values) == 1:  # a constant: the index on (name, id) gives the order
                 clauses.append(f"{name} = {c.param(values[0])}::text")
             else:
                 clauses.append(f"{name} = ANY({c.param(values)}::text[])")
@@ -180,18 +191,28 @@ def as_list(value: str | Iterable[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+CREATION_ORDER = frozenset({"created_at", "id"})
+"""The order keys that sort by id, the creation order (see the module docstring)."""
+
+
 def parse_order(order_by: str | Sequence[str] | None) -> list[tuple[str, bool]]:
-    """``"-created_at"`` or a list of such -> [(field, descending)], ending with the id."""
+    """``"-created_at"`` or a list of such -> [(field, descending)], ending with the id.
+
+    ``created_at`` and ``id`` are the id key (creation order); the id is
+    unique, so any key after it could never decide and is dropped. Without
+    it, the id follows the last key in that key's direction."""
     fields = as_list(order_by or ["-created_at"])
     keys: list[tuple[str, bool]] = []
     for f in fields:
         desc = f.startswith("-")
         name = f.lstrip("-+")
-        if name == "id":
-            continue
+        if name in CREATION_ORDER:
+            keys.append(("id", desc))
+            return keys
         if name not in ORDER_FIELDS:
             raise ValueError(
-                f"cannot order jobs by {name!r}; order fields: {', '.join(sorted(ORDER_FIELDS))}"
+                f"cannot order jobs by {name!r}; order fields: "
+                f"{', '.join(sorted({*ORDER_FIELDS, 'id'}))}"
             )
         keys.append((name, desc))
     last_desc = keys[-1][1] if keys else False

@@ -76,7 +76,31 @@ async def test_ordering_and_offset(ledger: JobLedger, jobs) -> None:
     assert [j.label[:6] for j in second] == [f"job {i:02d}" for i in range(5, 10)]
 
 
-@pytest.mark.parametrize("order", ["-created_at", "label", ["-priority", "label"], "finished_at"])
+async def test_creation_order_is_id_order(ledger: JobLedger, jobs) -> None:
+    """created_at and id both order by the id (a UUIDv7, migration 012); the id
+    ends every order, in its own direction when given, and nothing after it counts."""
+    from engine.filters import parse_order
+
+    assert parse_order(None) == parse_order("-created_at") == parse_order("-id") == [("id", True)]
+    assert parse_order("created_at") == [("id", False)]
+    assert parse_order(["-priority", "id", "label"]) == [("priority", True), ("id", False)]
+    assert parse_order(["status", "-label"]) == [("status", False), ("label", True), ("id", True)]
+    later = await ledger.submit_many([{"operator": "noop"}] * 3)
+    everyone = [*jobs, *later]
+    assert [j.id for j in await ledger.list(limit=100)] == [j.id for j in reversed(everyone)]
+    oldest = await ledger.list(order_by="created_at", limit=100)
+    assert [j.id for j in oldest] == sorted(j.id for j in everyone) == [j.id for j in everyone]
+    # one process's ids follow its clock: the created_at of id order never goes back
+    assert [j.created_at for j in oldest] == sorted(j.created_at for j in oldest)
+    by_status = await ledger.list(order_by=["status", "-created_at"], limit=100)
+    assert [(j.status, j.id) for j in by_status] == sorted(
+        ((j.status, j.id) for j in by_status), key=lambda t: (t[0], -t[1].int)
+    )
+
+
+@pytest.mark.parametrize(
+    "order", ["-created_at", "label", ["-priority", "label"], "finished_at", ["status", "id"]]
+)
 async def test_cursor_paging_visits_every_job_once(ledger: JobLedger, jobs, order) -> None:
     seen = []
     cursor = None
@@ -140,18 +164,20 @@ async def test_tag_and_context_filters_can_use_their_partial_indexes(
 @pytest.mark.parametrize(
     ("filters", "index"),
     [
-        ({}, "jobs_created"),
-        ({"status": "queued"}, "jobs_status_created"),
-        ({"status": "queued", "operator": "noop"}, "jobs_operator_status_created"),
-        ({"queue": "default"}, "jobs_queue_created"),
+        ({}, "jobs_pkey"),
+        ({"status": "queued"}, "jobs_status_id"),
+        ({"status": "queued", "operator": "noop"}, "jobs_operator_status_id"),
+        ({"queue": "default"}, "jobs_queue_id"),
+        ({"owner": "ana"}, "jobs_owner_id"),
     ],
 )
 @pytest.mark.parametrize("newest_first", [True, False])
 async def test_listing_pages_are_index_range_scans(
     ledger: JobLedger, jobs, filters: dict, index: str, newest_first: bool
 ) -> None:
-    """The listing indexes are ascending (migration 010) and serve both orders, with
-    and without a cursor: a page is a range scan, never a sort of the matches."""
+    """The listing indexes are ascending and keyed by the id, the creation order
+    (migrations 010 and 012), and serve both orders, with and without a
+    cursor: a page is a range scan, never a sort of the matches."""
     from engine.filters import page_query, parse_order
 
     order = "-created_at" if newest_first else "created_at"
