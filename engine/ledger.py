@@ -1132,8 +1132,8 @@ class _Defaults(NamedTuple):
                 op.queue,
                 op.timeout,
                 r.max_attempts,
-                r.backoff,
-                r.backoff_max,
+                ev.as_default(r.backoff, ev.RETRY_BACKOFF),
+                ev.as_default(r.backoff_max, ev.RETRY_BACKOFF_MAX),
                 r.restart_policy,
             )
         r = _PUBLISHED_RETRY
@@ -1142,8 +1142,8 @@ class _Defaults(NamedTuple):
             op.queue,
             op.timeout,
             op.max_attempts,
-            r.backoff,
-            r.backoff_max,
+            ev.as_default(r.backoff, ev.RETRY_BACKOFF),
+            ev.as_default(r.backoff_max, ev.RETRY_BACKOFF_MAX),
             r.restart_policy,
         )
 

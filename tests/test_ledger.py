@@ -334,6 +334,33 @@ async def test_submit_many_stores_each_jobs_own_values(ledger: JobLedger) -> Non
         assert type(rec.event.inputs["n"]) is type(v)
 
 
+async def test_a_submitted_event_leaves_out_the_default_retry(ledger: JobLedger, db: str) -> None:
+    # the operator's defaults are the event's own (equal floats made the same
+    # object), so they are not stored; any other value is, and both read back
+    @ledger.operator("patient", retry_backoff=2.5, retry_backoff_max=300.0)
+    async def patient(ctx) -> None:
+        return None
+
+    plain, custom = await ledger.submit_many([{"operator": "noop"}, {"operator": "patient"}])
+    conn = await connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT job_id, data::text AS data FROM jobledger.events WHERE job_id = ANY($1)",
+            [plain.id, custom.id],
+        )
+    finally:
+        await conn.close()
+    stored = {r["job_id"]: msgspec.json.decode(r["data"]) for r in rows}
+    assert "retry_backoff" not in stored[plain.id] and "retry_backoff_max" not in stored[plain.id]
+    assert stored[custom.id]["retry_backoff"] == 2.5
+    assert "retry_backoff_max" not in stored[custom.id]
+    for job, backoff in ((plain, 1.0), (custom, 2.5)):
+        got = await ledger.get(job.id)
+        [rec] = await ledger.history(job.id)
+        assert got.retry_backoff == job.retry_backoff == rec.event.retry_backoff == backoff
+        assert got.retry_backoff_max == rec.event.retry_backoff_max == 300.0
+
+
 async def test_create_keeps_each_events_own_meta_and_time(ledger: JobLedger, db: str) -> None:
     # store.create takes any batch of first events, not only one submission's:
     # times and metas that differ are sent one per job.
