@@ -1115,6 +1115,7 @@ class _Defaults(NamedTuple):
     """What a submission takes from its operator: read once per operator and call."""
 
     inputs: Callable[[Any], Any]  # checks the inputs, returns them as JSON values
+    typed: bool  # whether the inputs have a type (else no inputs, None, is None)
     queue: str
     timeout: float | None
     max_attempts: int
@@ -1129,6 +1130,7 @@ class _Defaults(NamedTuple):
             r = op.retry
             return cls(
                 op.validate_inputs,
+                op.inputs_type is not None,
                 op.queue,
                 op.timeout,
                 r.max_attempts,
@@ -1139,6 +1141,7 @@ class _Defaults(NamedTuple):
         r = _PUBLISHED_RETRY
         return cls(
             functools.partial(to_json_value, op.name),
+            False,
             op.queue,
             op.timeout,
             op.max_attempts,
@@ -1159,7 +1162,7 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta, job_id
 
     Raises ``ValueError`` (or :class:`InvalidInputs`) naming the bad value.
     """
-    inputs = d.inputs(spec.inputs)
+    inputs = d.inputs(spec.inputs) if spec.inputs is not None or d.typed else None
     run_at, delay = spec.run_at, spec.delay
     if run_at is not None:
         if delay is not None:

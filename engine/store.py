@@ -212,6 +212,15 @@ def _one_or_each(values: list[Any]) -> Any:
     return values[0] if values.count(values[0]) == len(values) else values
 
 
+def _tags(kinds: list[type[ev.Event]]) -> str | list[str]:
+    """The stored type of a write's events: one tag when all are of one kind (a
+    class compared by identity, not a tag read per event), else one per event."""
+    first = kinds[0]
+    if kinds.count(first) == len(kinds):
+        return first.tag
+    return [k.tag for k in kinds]
+
+
 def _same_json(values: Sequence[Any]) -> bool:
     """Whether every value encodes to the same JSON as the first."""
     encoded = _encoded_once(values)
@@ -305,7 +314,8 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
                 ]
             )
         )
-    encoded = [_encoder.encode(c.recorded.event) for c in changes]
+    batch_events = [c.recorded.event for c in changes]
+    encoded = [_encoder.encode(e) for e in batch_events]
     limit = LIMITS.max_event_bytes
     if max(map(len, encoded)) > limit:
         i = next(i for i, d in enumerate(encoded) if len(d) > limit)
@@ -326,7 +336,7 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         }
     else:
         events = {
-            "type": _one_or_each([c.recorded.type for c in changes]),
+            "type": _tags([type(e) for e in batch_events]),
             "data": _one_or_each(data),
             "meta": _one_or_each([msgspec.Raw(m) for m in metas]),
             "at": _one_or_each([c.recorded.recorded_at for c in changes]),
@@ -358,7 +368,7 @@ async def create(
     if not changes:
         return set()
     for c in changes:
-        if c.recorded.type != ev.Submitted.tag or c.recorded.version != 1:
+        if type(c.recorded.event) is not ev.Submitted or c.recorded.version != 1:
             raise ValueError(
                 f"a new stream starts with job.submitted at version 1, got {c.recorded.type}"
                 f" at version {c.recorded.version} for job {c.state.id}"

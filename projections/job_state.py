@@ -172,7 +172,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _NEW_JOB = Job(
     id=UUID(int=0),
-    version=0,
+    version=1,
     operator="",
     label="",
     queue="",
@@ -192,50 +192,57 @@ _NEW_JOB = Job(
     updated_at=_EPOCH,
     status_changed_at=_EPOCH,
 )
-"""What every submitted job starts from: not pinned, in its first run with no
-attempt yet, and without progress, result, error, worker, start, finish or
-tombstone. :func:`_submitted` sets every other field from the event."""
+"""What every submitted job starts from: at version 1 (:func:`apply` checks
+the event's), not pinned, in its first run with no attempt yet, and without
+progress, result, error, worker, start, finish or tombstone.
+:func:`_submitted` sets every other field from the event."""
 
 
 def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
-    # Two calls of at most 15 keywords each, not one Job(...) of 29: CPython
+    # Calls of at most 15 keywords each, not one Job(...) of 29: CPython
     # passes more than 15 keywords through a dict it builds first (2.8 us a
-    # job against 1.2). Every field not of _NEW_JOB is set here, and the fresh
-    # containers (context, tags, artifacts) are new for each job.
+    # job against 1.2). Every field not of _NEW_JOB is set here; the ones
+    # most jobs leave unset (None, as in _NEW_JOB) only when one is set. The
+    # fresh containers (context, tags, artifacts) are new for each job.
     at = rec.recorded_at
     due = e.run_at or at
     job = replace(
         _NEW_JOB,
         id=rec.job_id,
-        version=rec.version,
         operator=e.operator,
         label=e.label,
-        description=e.description,
         queue=e.queue,
         status="scheduled" if due > at else "queued",
         priority=e.priority,
         inputs=e.inputs,
         context=dict(e.context),
         tags=_unique(e.tags),
-        owner=e.owner,
-        parent_id=e.parent_id,
-    )
-    return replace(
-        job,
         max_attempts=e.max_attempts,
         restart_policy=e.restart_policy,
         retry_backoff=e.retry_backoff,
         retry_backoff_max=e.retry_backoff_max,
-        run_at=due,
         timeout=e.timeout,
-        artifacts=[],
-        status_reason=rec.meta.reason,
-        status_message=rec.meta.message,
-        idempotency_key=e.idempotency_key,
-        created_at=at,
-        updated_at=at,
-        status_changed_at=at,
     )
+    job = replace(job, run_at=due, artifacts=[], created_at=at, updated_at=at, status_changed_at=at)
+    m = rec.meta
+    if (
+        e.description is not None
+        or e.owner is not None
+        or e.parent_id is not None
+        or e.idempotency_key is not None
+        or m.reason is not None
+        or m.message is not None
+    ):
+        job = replace(
+            job,
+            description=e.description,
+            owner=e.owner,
+            parent_id=e.parent_id,
+            idempotency_key=e.idempotency_key,
+            status_reason=m.reason,
+            status_message=m.message,
+        )
+    return job
 
 
 def _failed(state: Job, rec: ev.Recorded, error: ev.ErrorInfo, retry_at: datetime | None) -> Job:

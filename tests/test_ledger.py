@@ -53,11 +53,44 @@ async def test_submit_returns_the_stored_job(ledger: JobLedger) -> None:
     assert job.max_attempts == 3 and job.timeout == 60
     assert job.inputs == {"dataset": "cats", "rows": 100}  # validated, defaults filled
     assert job.version == 1 and job.attempt == 0 and job.run == 1
+    assert job.description == "nightly import" and job.owner == "ana"
+    assert job.status_reason == "schedule" and job.tags == ["nightly", "cats"]
     stored = await ledger.get(job.id)
     assert stored == job
     [rec] = await ledger.history(job.id)
     assert rec.type == "job.submitted" and rec.meta.actor == "ana" and rec.meta.reason == "schedule"
     assert rec.recorded_at == job.created_at
+
+
+@pytest.mark.parametrize(
+    "field", ["description", "owner", "parent_id", "idempotency_key", "reason", "message"]
+)
+async def test_each_rarely_set_field_of_a_submission_is_kept_alone(
+    ledger: JobLedger, field: str
+) -> None:
+    # the reducer sets these six only when one of them is given: each alone
+    parent = await ledger.submit("noop")
+    value = {"parent_id": parent.id, "description": "d", "owner": "o"}.get(field, "x")
+    where = {"reason": "status_reason", "message": "status_message"}.get(field, field)
+    if field == "message":  # a submission has no message argument: fold the event itself
+        rec = ev.Recorded(
+            job_id=new_job_id(),
+            version=1,
+            event=ev.Submitted(operator="noop", label="noop"),
+            recorded_at=datetime.now(UTC),
+            meta=ev.Meta(message="x"),
+        )
+        job = apply(None, rec)
+    elif field == "reason":
+        job = await ledger.submit("noop", reason="x")
+    else:
+        job = await ledger.submit("noop", **{field: value})
+    assert getattr(job, where) == value
+    for other in ("description", "owner", "parent_id", "idempotency_key"):
+        if other != field:
+            assert getattr(job, other) is None
+    if field != "message":
+        assert await ledger.get(job.id) == job
 
 
 async def test_submit_accepts_the_input_struct(ledger: JobLedger) -> None:
