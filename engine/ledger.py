@@ -524,10 +524,13 @@ class JobLedger:
         for spec, job_id in zip(items, new_job_ids(len(items)), strict=True):
             d = defaults.get(spec.operator)
             if d is None:
-                op = await self._operator_defaults(spec.operator)
+                op = self._registry.get(spec.operator) or await self._operator_defaults(
+                    spec.operator
+                )
                 d = defaults[spec.operator] = _Defaults.of(op)
             changes.append(_submission(spec, d, at, meta, job_id))
-        await self._check_parents(items)
+        if any(s.parent_id is not None for s in items):
+            await self._check_parents(items)
         stored = await store.create(
             self.pool, changes, notify=store.notification((None, c.state) for c in changes)
         )

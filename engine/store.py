@@ -289,7 +289,9 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
     JSON parameter (each array parameter costs the client ~3 us to encode).
     """
     n = len(changes)
-    columns = list(zip(*map(astuple, [c.state for c in changes]), strict=True)) if n > 1 else []
+    if n == 1:
+        return _encode_one(changes[0])
+    columns = list(zip(*map(astuple, [c.state for c in changes]), strict=True))
     differ = []
     for i in range(1, len(columns)):  # 0 is the id, sent on its own (one job: no columns)
         col = columns[i]
@@ -319,32 +321,45 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
     limit = LIMITS.max_event_bytes
     if max(map(len, encoded)) > limit:
         i = next(i for i, d in enumerate(encoded) if len(d) > limit)
-        what = f"the {changes[i].recorded.type} event"
-        if n > 1:
-            what += f" of item {i} of {n} (job {changes[i].state.id})"
-        raise PayloadTooLarge(what, len(encoded[i]), limit)
+        what = f"the {changes[i].recorded.type} event of item {i} of {n}"
+        raise PayloadTooLarge(f"{what} (job {changes[i].state.id})", len(encoded[i]), limit)
     metas = _encoded_once([c.recorded.meta for c in changes])
     _check_readable(changes, encoded, metas)
     data = [msgspec.Raw(d) for d in encoded]
-    if n == 1:  # a single submit or transition: its values are the shared ones (5 us less)
-        rec = changes[0].recorded
-        events = {
-            "type": rec.type,
-            "data": data[0],
-            "meta": msgspec.Raw(metas[0]),
-            "at": rec.recorded_at,
-        }
-    else:
-        events = {
-            "type": _tags([type(e) for e in batch_events]),
-            "data": _one_or_each(data),
-            "meta": _one_or_each([msgspec.Raw(m) for m in metas]),
-            "at": _one_or_each([c.recorded.recorded_at for c in changes]),
-        }
+    events = {
+        "type": _tags([type(e) for e in batch_events]),
+        "data": _one_or_each(data),
+        "meta": _one_or_each([msgspec.Raw(m) for m in metas]),
+        "at": _one_or_each([c.recorded.recorded_at for c in changes]),
+    }
     return _Writes(
         template=msgspec.Raw(_encoder.encode(changes[0].state)),
         ids=[c.state.id for c in changes],
         patches=patches,
+        events=msgspec.Raw(_encoder.encode(events)),
+    )
+
+
+def _encode_one(change: Change) -> _Writes:
+    """:func:`_encode_writes` of a single change (a submit, an API transition, a
+    claim or outcome of one job): its row is the template, its event's values
+    the shared ones; none of the batch's comparisons (4.9 -> 3.3 us)."""
+    rec = change.recorded
+    data = _encoder.encode(rec.event)
+    if len(data) > LIMITS.max_event_bytes:
+        raise PayloadTooLarge(f"the {rec.type} event", len(data), LIMITS.max_event_bytes)
+    meta = _encoder.encode(rec.meta)
+    _check_readable((change,), (data,), (meta,))
+    events = {
+        "type": rec.type,
+        "data": msgspec.Raw(data),
+        "meta": msgspec.Raw(meta),
+        "at": rec.recorded_at,
+    }
+    return _Writes(
+        template=msgspec.Raw(_encoder.encode(change.state)),
+        ids=[change.state.id],
+        patches=None,
         events=msgspec.Raw(_encoder.encode(events)),
     )
 
