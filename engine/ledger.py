@@ -508,7 +508,7 @@ class JobLedger:
         (a ``JobSpec``'s fields too: building one checks nothing): one bad item
         fails the whole call and stores nothing.
         """
-        return await self._submit_checked([_spec(i, s) for i, s in enumerate(specs)], actor, reason)
+        return await self._submit_checked(_specs(specs), actor, reason)
 
     async def _submit_checked(
         self, items: builtins.list[JobSpec], actor: str | None, reason: str | None
@@ -1215,6 +1215,19 @@ def _submission(spec: JobSpec, d: _Defaults, at: datetime, meta: ev.Meta, job_id
         )
     rec = ev.Recorded(job_id=job_id, version=1, event=event, recorded_at=at, meta=meta)
     return Change(apply(None, rec), rec)
+
+
+def _specs(values: Iterable[JobSpec | Mapping[str, Any]]) -> builtins.list[JobSpec]:
+    """The checked specs of ``submit_many``'s items, each as :func:`_spec` makes it.
+
+    A list of plain dicts converts in one call (0.1 us a job less); when that
+    fails, item by item does it again, to name the bad item (and to take a
+    numpy integer as a priority, which the one call refuses)."""
+    items = values if isinstance(values, builtins.list) else builtins.list(values)
+    if all(type(v) is dict for v in items):
+        with contextlib.suppress(msgspec.ValidationError):
+            return msgspec.convert(items, builtins.list[_CheckedSpec])
+    return [_spec(i, v) for i, v in enumerate(items)]
 
 
 def _spec(index: int | None, value: JobSpec | Mapping[str, Any]) -> JobSpec:

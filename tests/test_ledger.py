@@ -256,6 +256,20 @@ async def test_submit_many_keeps_order_and_is_all_or_nothing(ledger: JobLedger) 
         await ledger.submit_many([{"operator": "noop", "actor": "ana", "reason": "r"}])
     assert await ledger.count() == 50
 
+    class Rank:  # an integer that is not an int, as numpy's are
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __index__(self) -> int:
+            return self.n
+
+    # plain dicts convert in one call; one that call refuses goes item by item
+    ranked = await ledger.submit_many(
+        [{"operator": "noop", "priority": 1}, {"operator": "noop", "priority": Rank(7)}]
+    )
+    assert [j.priority for j in ranked] == [1, 7]
+    assert [(await ledger.get(j.id)).priority for j in ranked] == [1, 7]
+
 
 async def test_a_job_spec_is_checked_like_a_mapping(ledger: JobLedger) -> None:
     # Building a msgspec Struct checks no types: a JobSpec with a list for its
