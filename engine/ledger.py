@@ -115,7 +115,7 @@ def new_job_id() -> UUID:
 
 def new_job_ids(n: int) -> list[UUID]:
     """``n`` ids as :func:`new_job_id` makes them, in increasing order, reading the
-    clock once: a batch's ids cost 0.2 us each instead of 0.5."""
+    clock once: a batch's ids cost 0.27 us each instead of 0.5."""
     ms = time.time_ns() // 1_000_000
     last_ms, counter = _last_id
     if ms <= last_ms:  # the same millisecond (or the clock went back): count on
@@ -201,7 +201,7 @@ class _CheckedSpec(JobSpec, gc=False):
     cyclic collector need not track it, and its tags are a tuple (``()`` when
     none is given, a shared constant): a list and a tracked spec for every job
     of a batch made the collector run a full collection every ~170 batches of
-    100, 0.6 us a job."""
+    100, 0.8 us a job."""
 
     tags: tuple[str, ...] = ()
 
@@ -1128,26 +1128,22 @@ class _Defaults(NamedTuple):
 
     @classmethod
     def of(cls, op: Operator | OperatorInfo) -> _Defaults:
-        """The defaults of a registered operator, or of one only published."""
+        """The defaults of a registered operator, or of one only published.
+
+        The backoffs are the event's own default objects when equal to them,
+        so that a ``job.submitted`` leaves them out (:func:`engine.events.as_default`)."""
         if isinstance(op, Operator):
-            r = op.retry
-            return cls(
-                op.validate_inputs,
-                op.inputs_type is not None,
-                op.queue,
-                op.timeout,
-                r.max_attempts,
-                ev.as_default(r.backoff, ev.RETRY_BACKOFF),
-                ev.as_default(r.backoff_max, ev.RETRY_BACKOFF_MAX),
-                r.restart_policy,
-            )
-        r = _PUBLISHED_RETRY
+            inputs, typed = op.validate_inputs, op.inputs_type is not None
+            r, attempts = op.retry, op.retry.max_attempts
+        else:  # known from its published info: its max_attempts, the default retry
+            inputs, typed = functools.partial(to_json_value, op.name), False
+            r, attempts = _PUBLISHED_RETRY, op.max_attempts
         return cls(
-            functools.partial(to_json_value, op.name),
-            False,
+            inputs,
+            typed,
             op.queue,
             op.timeout,
-            op.max_attempts,
+            attempts,
             ev.as_default(r.backoff, ev.RETRY_BACKOFF),
             ev.as_default(r.backoff_max, ev.RETRY_BACKOFF_MAX),
             r.restart_policy,
