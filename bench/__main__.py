@@ -8,6 +8,7 @@ every system alike; the issue's goals are measured at ``on``).
 
 * submit one job at a time from one client, and in batches of 100 (jobs/s);
   ``raw`` is single-row INSERT commits and 100-row INSERTs into a one-table queue;
+  the systems are open together and take turns in blocks within each round;
 * drain N no-op jobs with 1 and with 2 worker processes (jobs/s, from the first
   job started to the last completed, read from each system's own log), with
   CPU per job of the worker processes (client) and of PostgreSQL (server);
@@ -20,6 +21,7 @@ every system alike; the issue's goals are measured at ``on``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -38,26 +40,58 @@ PEERS = ("jobledger", "pgqueuer", "procrastinate")
 ENQUEUE_RATE = {"jobledger": 4000, "pgqueuer": 4000, "procrastinate": 800}
 
 
-async def submits(name: str, args: argparse.Namespace) -> dict[str, float]:
-    """Single and batched submit rates, with client and server CPU per job."""
-    out: dict[str, float] = {}
-    async with bench_database(name, migrated=SYSTEMS[name].migrated) as dsn:
-        async with SYSTEMS[name](dsn) as system:
+async def submits(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """One round of single and batched submit rates, with client and server CPU per job.
+
+    Every system is open at once, each on its own fresh database, and they take
+    turns in blocks (``--blocks`` a round, the order reversed every other block),
+    so that a drift of the machine (the disk's fsync time, a neighbour's load)
+    falls on all of them alike rather than on whichever ran in its stretch of
+    the round. A system's rate for the round is its jobs over its own time.
+    """
+    totals: dict[str, dict[str, float]] = {n: {} for n in names}
+    async with contextlib.AsyncExitStack() as stack:
+        systems = {}
+        for name in names:
+            dsn = await stack.enter_async_context(
+                bench_database(name, migrated=SYSTEMS[name].migrated)
+            )
+            systems[name] = system = await stack.enter_async_context(SYSTEMS[name](dsn))
             for _ in range(50):  # warm up: connections, prepared statements, caches
                 await system.submit_one()
             await system.submit_batch(args.batch)
-            for key, n, step, count in (
-                ("submit", args.single, system.submit_one, 1),
-                ("submit_many", args.batches, lambda: system.submit_batch(args.batch), args.batch),
+        for block in range(args.blocks):
+            order = names if block % 2 == 0 else names[::-1]
+            for key, n, count in (
+                ("submit", args.single, 1),
+                ("submit_many", args.batches, args.batch),
             ):
-                cpu, pg, t = time.process_time(), postgres_cpu_seconds(), time.perf_counter()
-                for _ in range(n):
-                    await step()
-                seconds = time.perf_counter() - t
-                jobs = n * count
-                out[key] = jobs / seconds
-                out[f"{key}_client_cpu"] = (time.process_time() - cpu) * 1000 / jobs
-                out[f"{key}_server_cpu"] = (postgres_cpu_seconds() - pg) * 1000 / jobs
+                for name in order:
+                    system = systems[name]
+                    step = system.submit_one if count == 1 else system.submit_batch
+                    steps = n // args.blocks + (block < n % args.blocks)
+                    call_args = () if count == 1 else (count,)
+                    cpu, pg, t = time.process_time(), postgres_cpu_seconds(), time.perf_counter()
+                    for _ in range(steps):
+                        await step(*call_args)
+                    seconds = time.perf_counter() - t
+                    client, server = time.process_time() - cpu, postgres_cpu_seconds() - pg
+                    tot = totals[name]
+                    for part, value in (
+                        ("jobs", steps * count),
+                        ("seconds", seconds),
+                        ("client", client),
+                        ("server", server),
+                    ):
+                        tot[f"{key}.{part}"] = tot.get(f"{key}.{part}", 0.0) + value
+    out: dict[str, dict[str, float]] = {}
+    for name, tot in totals.items():
+        res = out[name] = {}
+        for key in ("submit", "submit_many"):
+            jobs = tot[f"{key}.jobs"]
+            res[key] = jobs / tot[f"{key}.seconds"]
+            res[f"{key}_client_cpu"] = tot[f"{key}.client"] * 1000 / jobs
+            res[f"{key}_server_cpu"] = tot[f"{key}.server"] * 1000 / jobs
     return out
 
 
@@ -180,6 +214,10 @@ def table(results: dict, names: list[str], args: argparse.Namespace) -> str:
 async def main_async(args: argparse.Namespace) -> None:
     names = [n for n in args.systems.split(",") if n]
     synchronous_commit()  # a bad BENCH_SYNCHRONOUS_COMMIT fails before any round
+    if not 1 <= args.blocks <= min(args.single, args.batches):
+        raise SystemExit(
+            f"bench: --blocks must be between 1 and --single and --batches, got {args.blocks}"
+        )
     for n in names:
         if n not in PEERS:
             raise SystemExit(f"bench: unknown system {n!r}; choose from {', '.join(PEERS)}")
@@ -187,8 +225,7 @@ async def main_async(args: argparse.Namespace) -> None:
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     for r in range(args.rounds):
         if "submit" in args.only:
-            for name in [*names, "raw"]:
-                res = await submits(name, args)
+            for name, res in (await submits([*names, "raw"], args)).items():
                 results["submit"].setdefault(name, []).append(res)
                 say(
                     f"round {r + 1} submit {name}: {res['submit']:,.0f} / {res['submit_many']:,.0f}"
@@ -226,6 +263,9 @@ def main() -> None:
     p.add_argument("--single", type=int, default=1000, help="single submits per round")
     p.add_argument("--batches", type=int, default=100, help="batches per round")
     p.add_argument("--batch", type=int, default=100, help="jobs per batch")
+    p.add_argument(
+        "--blocks", type=int, default=10, help="turns the systems take in each submit round"
+    )
     p.add_argument("--jobs", type=int, default=20_000, help="jobs per drain")
     p.add_argument("--concurrency", type=int, default=100, help="worker concurrency")
     p.add_argument("--batch-size", type=int, default=10, help="pgqueuer's dequeue batch size")
