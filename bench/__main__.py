@@ -13,7 +13,8 @@ every system alike; the issue's goals are measured at ``on``).
   job started to the last completed, read from each system's own log), with
   CPU per job of the worker processes (client) and of PostgreSQL (server);
 * pickup latency: an idle worker, one job submitted at a time; commit (submit
-  returned) to handler start, p50/p99 ms.
+  returned) to handler start, p50/p99 ms; every system's worker runs at once
+  and the systems take turns, sample by sample.
 
     python -m bench [--rounds 3] [--jobs 20000] [--systems jobledger,pgqueuer,procrastinate]
 """
@@ -124,23 +125,34 @@ async def drain(name: str, processes: int, args: argparse.Namespace) -> dict[str
     }
 
 
-async def latency(name: str, args: argparse.Namespace) -> list[float]:
-    """Pickup latencies (ms): one idle worker, one ``stamp`` job at a time."""
-    out: list[float] = []
-    async with bench_database(name, migrated=SYSTEMS[name].migrated) as dsn:
-        async with SYSTEMS[name](dsn) as system:
-            with workers(system, 1, args, stdout=subprocess.PIPE) as (proc,):
-                await anyio.sleep(3.0)  # start-up and LISTEN
-                for i in range(args.latency_samples + 10):
-                    await system.submit_stamp()
-                    committed = time.time()
-                    with anyio.fail_after(30):
-                        line = await anyio.to_thread.run_sync(proc.stdout.readline)
-                    if not line:
-                        raise RuntimeError(f"{name}: the worker exited")
-                    if i >= 10:  # warm-up
-                        out.append((float(line) - committed) * 1000)
-                    await anyio.sleep(0.02)
+async def latencies(names: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Pickup latencies (ms): one idle worker per system, one ``stamp`` job at a time.
+
+    Every system's worker runs at once, each on its own database, and the
+    systems take turns sample by sample (the order reversed every other
+    sample), so a slow stretch of the machine falls on all of them alike.
+    """
+    out: dict[str, list[float]] = {n: [] for n in names}
+    async with contextlib.AsyncExitStack() as stack:
+        systems, procs = {}, {}
+        for name in names:
+            dsn = await stack.enter_async_context(
+                bench_database(name, migrated=SYSTEMS[name].migrated)
+            )
+            systems[name] = system = await stack.enter_async_context(SYSTEMS[name](dsn))
+            (procs[name],) = stack.enter_context(workers(system, 1, args, stdout=subprocess.PIPE))
+        await anyio.sleep(3.0)  # start-up and LISTEN
+        for i in range(args.latency_samples + 10):
+            for name in names if i % 2 == 0 else names[::-1]:
+                await systems[name].submit_stamp()
+                committed = time.time()
+                with anyio.fail_after(30):
+                    line = await anyio.to_thread.run_sync(procs[name].stdout.readline)
+                if not line:
+                    raise RuntimeError(f"{name}: the worker exited")
+                if i >= 10:  # warm-up
+                    out[name].append((float(line) - committed) * 1000)
+                await anyio.sleep(0.02)
     return out
 
 
@@ -237,9 +249,9 @@ async def main_async(args: argparse.Namespace) -> None:
                     results["drain"][procs].setdefault(name, []).append(res)
                     say(f"round {r + 1} drain x{procs} {name}: {res['jobs_per_s']:,.0f} jobs/s")
     if "latency" in args.only:
-        for name in names:
-            results["latency"][name] = await latency(name, args)
-            say(f"latency {name}: p50 {pct(results['latency'][name], 50):.2f} ms")
+        results["latency"] = await latencies(names, args)
+        for name, samples in results["latency"].items():
+            say(f"latency {name}: p50 {pct(samples, 50):.2f} ms")
     print(table(results, [*names, "raw"], args))
     print()
     print(f"medians of {args.rounds} rounds; latency over {args.latency_samples} samples each.")
