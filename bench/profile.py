@@ -6,7 +6,13 @@ with ``job.started``) and the outcome (append_events with ``job.completed``)
 — and for each stage prints, per job, the Python time spent building the
 change (decode, reducer, msgspec encoding), the server's execution time
 (``EXPLAIN ANALYZE``, median over the batches) and the round trip including
-the commit. Runs against ``BENCH_DSN`` or a fresh embedded server.
+the commit. Then the client CPU of ``submit_many`` through the public API,
+split at the statement: the Python before it (checks, reducer, encoding), the
+asyncpg call (parameters, the round trip, the event loop), and after it
+(building the result, freeing the batch), each measured in the real call,
+where the server has just run on the other core, and once more with the
+statement skipped, where the caches stay warm. Runs against ``BENCH_DSN`` or
+a fresh embedded server.
 
     python -m bench.profile [--batch 100] [--batches 30]
 """
@@ -111,11 +117,55 @@ async def main_async(args: argparse.Namespace) -> None:
             note("complete", "server", await explain_ms(conn, Q.append_events, *params))
             await timed("complete", "round trip + commit", Q.append_events, *params)
 
+        await client_split(ledger, size, args.batches, stats)
+
     print(f"| stage (batches of {size}) | part | ms per job (median of {args.batches}) |")
     print("|---|---|---:|")
     for stage, parts in stats.items():
         for part, values in parts.items():
             print(f"| {stage} | {part} | {statistics.median(values):.4f} |")
+
+
+async def client_split(ledger: Any, size: int, batches: int, stats: dict) -> None:
+    """Client CPU (``time.process_time``) of ``ledger.submit_many`` per job, split at
+    its one statement, into ``stats["submit_many (API)"]``."""
+    pool = ledger.pool
+    real = pool.fetchval
+    marks: dict[str, float] = {}
+
+    async def timed_fetchval(query: str, *params: Any) -> Any:
+        marks["sent"] = time.process_time()
+        out = await real(query, *params)
+        marks["back"] = time.process_time()
+        return out
+
+    async def skipped(query: str, *params: Any) -> int:
+        marks["sent"] = marks["back"] = time.process_time()
+        return size  # the row count the statement would return
+
+    specs = [{"operator": "noop"}] * size
+    parts: dict[str, list[float]] = {}
+    for label, fetchval in (("", timed_fetchval), (", statement skipped", skipped)):
+        pool.fetchval = fetchval
+        try:
+            for i in range(batches + 5):
+                t = time.process_time()
+                await ledger.submit_many(specs)
+                end = time.process_time()
+                if i < 5:  # warm-up
+                    continue
+                for part, seconds in (
+                    (f"client CPU before the statement{label}", marks["sent"] - t),
+                    (f"client CPU in the asyncpg call{label}", marks["back"] - marks["sent"]),
+                    (f"client CPU after it{label}", end - marks["back"]),
+                    (f"client CPU in all{label}", end - t),
+                ):
+                    if fetchval is skipped and "asyncpg" in part:
+                        continue
+                    parts.setdefault(part, []).append(seconds * 1000 / size)
+        finally:
+            del pool.fetchval  # the pool's own method again
+    stats["submit_many (API)"] = parts
 
 
 def main() -> None:
