@@ -31,7 +31,10 @@ How it lends
   never ended, or a rollback interrupted by cancellation) is terminated, not
   rolled back: rolling back needs an await that a cancelled caller cannot
   make, and a new connection costs little beside a leaked transaction that
-  would hold locks and the projections' fence back.
+  would hold locks and the projections' fence back. So is one on which
+  asyncpg still counts a ``conn.transaction()`` block as open when the
+  server's transaction is over (a block whose ``BEGIN`` was cancelled): its
+  next transaction block would be refused as a nested one.
 * A connection whose query was **cancelled** comes back as it is: asyncpg
   makes its next operation wait until the server has confirmed the
   cancellation.
@@ -227,9 +230,11 @@ class Pool:
 
     def _give_back(self, conn: asyncpg.Connection) -> None:
         self._lent.discard(conn)
-        if conn.is_closed() or conn.is_in_transaction() or self._closed:
-            if not conn.is_closed():
-                if conn.is_in_transaction():
+        closed = conn.is_closed()  # a closed connection has no transaction state to ask
+        left_in_transaction = not closed and (conn.is_in_transaction() or _open_block(conn))
+        if closed or left_in_transaction or self._closed:
+            if not closed:
+                if left_in_transaction:
                     log.warning("pool_connection_left_in_transaction", action="terminated")
                 conn.terminate()
             self._size -= 1
@@ -327,3 +332,16 @@ class Lease:
 
     def __await__(self) -> Generator[Any, None, asyncpg.Connection]:
         return self._pool._take().__await__()
+
+
+def _open_block(conn: asyncpg.Connection) -> bool:
+    """Whether asyncpg still counts a ``conn.transaction()`` block as open on ``conn``.
+
+    It can outlive the server's transaction (a block whose ``BEGIN`` was
+    cancelled, a ``ROLLBACK`` run past it); the server is then idle, but the
+    next ``conn.transaction(isolation=...)`` on the connection would be taken
+    for a nested block and refused. asyncpg keeps the mark in a private
+    attribute, read here with a default so that a release without it is
+    judged by the server's state alone.
+    """
+    return getattr(conn, "_top_xact", None) is not None

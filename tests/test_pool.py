@@ -92,6 +92,25 @@ async def test_a_connection_left_in_a_transaction_is_not_lent_again(db: str) -> 
         await admin.close()
 
 
+async def test_a_connection_with_an_unfinished_transaction_block_is_not_lent_again(
+    db: str,
+) -> None:
+    # asyncpg's transaction block outlived the server's transaction (here a
+    # ROLLBACK past it; in a run, a block whose BEGIN was cancelled): the
+    # server is idle, but the next `conn.transaction(...)` would be taken for
+    # a nested one ("nested transaction has a different isolation level").
+    async with opened(db, min_size=1, max_size=1) as pool:
+        async with pool.acquire() as conn:
+            stale = conn.get_server_pid()
+            await conn.transaction().start()
+            await conn.execute("ROLLBACK")
+            assert not conn.is_in_transaction()
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() != stale
+            async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
+
+
 async def test_a_cancelled_waiter_takes_nothing_with_it(db: str) -> None:
     async with opened(db, min_size=1, max_size=1) as pool:
         conn = await pool.acquire()
