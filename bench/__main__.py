@@ -33,12 +33,21 @@ import anyio
 
 from bench.server import bench_database, quiet, synchronous_commit
 from bench.stats import pct
-from bench.systems import SETTINGS, SYSTEMS
+from bench.systems import SETTINGS, SYSTEMS, System
 from bench.workers import cpu_seconds, postgres_cpu_seconds, workers
 
 PEERS = ("jobledger", "pgqueuer", "procrastinate")
 # Enqueue rates assumed when scheduling a drain's jobs ahead (jobs/s, low on purpose).
 ENQUEUE_RATE = {"jobledger": 4000, "pgqueuer": 4000, "procrastinate": 800}
+
+
+async def open_systems(stack: contextlib.AsyncExitStack, names: list[str]) -> dict[str, System]:
+    """Each of ``names`` open on its own fresh database, all closed with ``stack``."""
+    systems = {}
+    for name in names:
+        dsn = await stack.enter_async_context(bench_database(name, migrated=SYSTEMS[name].migrated))
+        systems[name] = await stack.enter_async_context(SYSTEMS[name](dsn))
+    return systems
 
 
 async def submits(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -50,14 +59,11 @@ async def submits(names: list[str], args: argparse.Namespace) -> dict[str, dict[
     falls on all of them alike rather than on whichever ran in its stretch of
     the round. A system's rate for the round is its jobs over its own time.
     """
-    totals: dict[str, dict[str, float]] = {n: {} for n in names}
+    # per system and measure: jobs, seconds, client CPU and server CPU seconds
+    totals = {n: {"submit": [0.0] * 4, "submit_many": [0.0] * 4} for n in names}
     async with contextlib.AsyncExitStack() as stack:
-        systems = {}
-        for name in names:
-            dsn = await stack.enter_async_context(
-                bench_database(name, migrated=SYSTEMS[name].migrated)
-            )
-            systems[name] = system = await stack.enter_async_context(SYSTEMS[name](dsn))
+        systems = await open_systems(stack, names)
+        for system in systems.values():
             for _ in range(50):  # warm up: connections, prepared statements, caches
                 await system.submit_one()
             await system.submit_batch(args.batch)
@@ -67,32 +73,29 @@ async def submits(names: list[str], args: argparse.Namespace) -> dict[str, dict[
                 ("submit", args.single, 1),
                 ("submit_many", args.batches, args.batch),
             ):
+                steps = n // args.blocks + (block < n % args.blocks)
                 for name in order:
                     system = systems[name]
-                    step = system.submit_one if count == 1 else system.submit_batch
-                    steps = n // args.blocks + (block < n % args.blocks)
-                    call_args = () if count == 1 else (count,)
                     cpu, pg, t = time.process_time(), postgres_cpu_seconds(), time.perf_counter()
                     for _ in range(steps):
-                        await step(*call_args)
+                        await (system.submit_one() if count == 1 else system.submit_batch(count))
                     seconds = time.perf_counter() - t
-                    client, server = time.process_time() - cpu, postgres_cpu_seconds() - pg
-                    tot = totals[name]
-                    for part, value in (
-                        ("jobs", steps * count),
-                        ("seconds", seconds),
-                        ("client", client),
-                        ("server", server),
-                    ):
-                        tot[f"{key}.{part}"] = tot.get(f"{key}.{part}", 0.0) + value
+                    parts = (
+                        steps * count,
+                        seconds,
+                        time.process_time() - cpu,
+                        postgres_cpu_seconds() - pg,
+                    )
+                    tot = totals[name][key]
+                    for i, value in enumerate(parts):
+                        tot[i] += value
     out: dict[str, dict[str, float]] = {}
-    for name, tot in totals.items():
+    for name, measures in totals.items():
         res = out[name] = {}
-        for key in ("submit", "submit_many"):
-            jobs = tot[f"{key}.jobs"]
-            res[key] = jobs / tot[f"{key}.seconds"]
-            res[f"{key}_client_cpu"] = tot[f"{key}.client"] * 1000 / jobs
-            res[f"{key}_server_cpu"] = tot[f"{key}.server"] * 1000 / jobs
+        for key, (jobs, seconds, client, server) in measures.items():
+            res[key] = jobs / seconds
+            res[f"{key}_client_cpu"] = client * 1000 / jobs
+            res[f"{key}_server_cpu"] = server * 1000 / jobs
     return out
 
 
@@ -134,12 +137,9 @@ async def latencies(names: list[str], args: argparse.Namespace) -> dict[str, lis
     """
     out: dict[str, list[float]] = {n: [] for n in names}
     async with contextlib.AsyncExitStack() as stack:
-        systems, procs = {}, {}
-        for name in names:
-            dsn = await stack.enter_async_context(
-                bench_database(name, migrated=SYSTEMS[name].migrated)
-            )
-            systems[name] = system = await stack.enter_async_context(SYSTEMS[name](dsn))
+        systems = await open_systems(stack, names)
+        procs = {}
+        for name, system in systems.items():
             (procs[name],) = stack.enter_context(workers(system, 1, args, stdout=subprocess.PIPE))
         await anyio.sleep(3.0)  # start-up and LISTEN
         for i in range(args.latency_samples + 10):
