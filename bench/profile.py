@@ -154,14 +154,12 @@ async def client_split(ledger: Any, size: int, batches: int, stats: dict) -> Non
                 end = time.process_time()
                 if i < 5:  # warm-up
                     continue
-                for part, seconds in (
-                    (f"client CPU before the statement{label}", marks["sent"] - t),
-                    (f"client CPU in the asyncpg call{label}", marks["back"] - marks["sent"]),
-                    (f"client CPU after it{label}", end - marks["back"]),
-                    (f"client CPU in all{label}", end - t),
-                ):
-                    if fetchval is skipped and "asyncpg" in part:
-                        continue
+                split = [(f"client CPU before the statement{label}", marks["sent"] - t)]
+                if fetchval is timed_fetchval:
+                    split.append(("client CPU in the asyncpg call", marks["back"] - marks["sent"]))
+                split.append((f"client CPU after it{label}", end - marks["back"]))
+                split.append((f"client CPU in all{label}", end - t))
+                for part, seconds in split:
                     parts.setdefault(part, []).append(seconds * 1000 / size)
         finally:
             del pool.fetchval  # the pool's own method again
