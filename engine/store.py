@@ -325,10 +325,10 @@ def _encode_writes(changes: Sequence[Change]) -> _Writes:
         raise PayloadTooLarge(f"{what} (job {changes[i].state.id})", len(encoded[i]), limit)
     metas = _encoded_once([c.recorded.meta for c in changes])
     _check_readable(changes, encoded, metas)
-    data = [msgspec.Raw(d) for d in encoded]
+    data = _one_or_each(encoded)  # wrapped once when shared (0.06 us a job)
     events = {
         "type": _tags([type(e) for e in batch_events]),
-        "data": _one_or_each(data),
+        "data": msgspec.Raw(data) if type(data) is bytes else [msgspec.Raw(d) for d in data],
         "meta": _one_or_each([msgspec.Raw(m) for m in metas]),
         "at": _one_or_each([c.recorded.recorded_at for c in changes]),
     }

@@ -198,21 +198,41 @@ progress, result, error, worker, start, finish or tombstone.
 :func:`_submitted` sets every other field from the event."""
 
 
+_last_base: tuple[datetime, Job] = (_EPOCH, _NEW_JOB)
+
+
+def _base_at(at: datetime) -> Job:
+    """:data:`_NEW_JOB` submitted at ``at``: queued, due, created and changed then.
+
+    The jobs of one submission share their envelope's time, so the last one
+    made is kept (by identity: the same object) and each job costs one
+    ``replace`` instead of two (0.2 us a job). A pure function of ``at``; the
+    cache only saves work."""
+    global _last_base
+    last = _last_base
+    if last[0] is at:
+        return last[1]
+    base = replace(
+        _NEW_JOB, status="queued", run_at=at, created_at=at, updated_at=at, status_changed_at=at
+    )
+    _last_base = (at, base)
+    return base
+
+
 def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
     # Calls of at most 15 keywords each, not one Job(...) of 29: CPython
     # passes more than 15 keywords through a dict it builds first (2.8 us a
-    # job against 1.2). Every field not of _NEW_JOB is set here; the ones
-    # most jobs leave unset (None, as in _NEW_JOB) only when one is set. The
-    # fresh containers (context, tags, artifacts) are new for each job.
+    # job against 1.2). The times come with the base (_base_at); every other
+    # field not of _NEW_JOB is set here, the ones most jobs leave unset
+    # (None, as in _NEW_JOB) only when one is set. The containers (context,
+    # tags, artifacts) are new for each job.
     at = rec.recorded_at
-    due = e.run_at or at
     job = replace(
-        _NEW_JOB,
+        _base_at(at),
         id=rec.job_id,
         operator=e.operator,
         label=e.label,
         queue=e.queue,
-        status="scheduled" if due > at else "queued",
         priority=e.priority,
         inputs=e.inputs,
         context=dict(e.context),
@@ -222,8 +242,10 @@ def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
         retry_backoff=e.retry_backoff,
         retry_backoff_max=e.retry_backoff_max,
         timeout=e.timeout,
+        artifacts=[],
     )
-    job = replace(job, run_at=due, artifacts=[], created_at=at, updated_at=at, status_changed_at=at)
+    if e.run_at is not None:
+        job = replace(job, run_at=e.run_at, status="scheduled" if e.run_at > at else "queued")
     m = rec.meta
     if (
         e.description is not None

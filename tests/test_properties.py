@@ -202,6 +202,22 @@ def test_a_submitted_job_is_its_event(e: ev.Submitted, reason, message) -> None:
     assert job.context is not e.context
 
 
+def test_each_submission_takes_its_own_time() -> None:
+    """The reducer keeps the last submission time's starting row (one replace a
+    job, not two): a job submitted at another moment, or at an equal moment
+    held by another object, still starts at its own."""
+    from datetime import timedelta
+    from uuid import uuid4
+
+    e = ev.Submitted(operator="op", label="op")
+    times = [T0, T0, T0 + timedelta(seconds=1), T0 + timedelta(0), T0]
+    for at in times:
+        rec = ev.Recorded(job_id=uuid4(), version=1, event=e, recorded_at=at, meta=ev.Meta())
+        job = apply(None, rec)
+        assert (job.created_at, job.updated_at, job.status_changed_at, job.run_at) == (at,) * 4
+        assert job.id == rec.job_id and job.status == "queued"
+
+
 @given(st.lists(events, max_size=30))
 def test_a_status_change_is_stamped_with_its_event(seq: list[ev.Event]) -> None:
     """Whenever an event changes the status, the job records when, why and with what
