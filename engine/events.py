@@ -6,7 +6,10 @@ This is a leaf module: it imports nothing from jobledger, so the read side
 Rules that keep old logs readable forever:
 
 * the tag (``job.started``) is the stored ``type``; renaming a class never
-  changes stored data;
+  changes stored data. The stored payload (``data``) leaves the tag out: the
+  row's ``type`` column holds it (:func:`engine.store.encode_payload`; rows
+  written before 2026-12-03 carry it in ``data`` too, which readers ignore).
+  A Struct encoded whole, as in an exported stream, keeps its tag;
 * events evolve only by adding fields with defaults; readers ignore unknown
   fields;
 * a change that cannot be expressed that way bumps ``SCHEMA_VERSION`` and adds

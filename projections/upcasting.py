@@ -3,7 +3,8 @@
 Events evolve by adding fields with defaults, which needs nothing here. When a
 payload's shape must change in another way (a field renamed or split), bump
 :data:`engine.events.SCHEMA_VERSION` and register an upcaster for the event
-type: a pure function from the old payload (a dict) to the new one. Stored
+type: a pure function from the old payload (a dict of the event's fields;
+rows written before 2026-12-03 also hold its ``type``) to the new one. Stored
 events are never rewritten; they are upcast each time they are read.
 
 An event's schema version travels in its meta (``meta.schema``); payloads

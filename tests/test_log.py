@@ -127,3 +127,72 @@ async def test_verify_finds_a_tampered_projection(ledger: JobLedger, db: str) ->
     finally:
         await conn.close()
     assert await verify_jobs(ledger.pool) == []
+
+
+async def test_a_stored_payload_leaves_its_type_to_the_type_column(
+    ledger: JobLedger, db: str
+) -> None:
+    # The row's type column names the event; data holds only its fields (a
+    # field-less event stores {}). A row written with the tag in data, as
+    # jobledger did before, reads the same.
+    job = await ledger.submit("noop", label="first")
+    await ledger.mark_running(job.id, worker="w1")
+    conn = await connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT type, data::text AS data FROM jobledger.events WHERE job_id = $1"
+            " ORDER BY version",
+            job.id,
+        )
+        assert [(r["type"], msgspec.json.decode(r["data"])) for r in rows] == [
+            ("job.submitted", {"operator": "noop", "label": "first"}),
+            ("job.started", {"worker": "w1"}),
+        ]
+        tagged = msgspec.json.encode(ev.Pinned(pinned=True))
+        assert msgspec.json.decode(tagged)["type"] == "job.pinned"
+        state = await ledger.get(job.id)
+        change = ledger.make_change(state, ev.Pinned(pinned=True))
+        await conn.execute(
+            "INSERT INTO jobledger.events (job_id, version, type, data, meta, recorded_at)"
+            " VALUES ($1, $2, 'job.pinned', $3::text::jsonb, '{}', $4)",
+            job.id,
+            change.recorded.version,
+            tagged.decode(),
+            change.recorded.recorded_at,
+        )
+        await conn.execute(
+            "UPDATE jobledger.jobs SET version = $2, pinned = true, updated_at = $3 WHERE id = $1",
+            job.id,
+            change.recorded.version,
+            change.recorded.recorded_at,
+        )
+    finally:
+        await conn.close()
+    history = await ledger.history(job.id)
+    assert [r.event for r in history][-1] == ev.Pinned(pinned=True)
+    assert await ledger.get(job.id) == change.state
+
+
+def test_equal_payloads_of_two_kinds_are_each_checked_as_their_own() -> None:
+    # Without the tag, events of two kinds can store the same bytes; the check
+    # that the log's readers can decode every payload must decode each kind,
+    # not only the first of equal payloads: {} is a job.started but not a
+    # job.labelled, which needs its label.
+    from uuid import uuid4
+
+    from projections.job_state import apply
+
+    at = datetime.now(UTC)
+    sub = ev.Recorded(
+        job_id=uuid4(), version=1, event=ev.Submitted(operator="op", label="op"), recorded_at=at
+    )
+    job = apply(None, sub)
+    recs = [
+        ev.Recorded(job_id=job.id, version=2, event=e, recorded_at=at)
+        for e in (ev.Started(), ev.Labelled(label="x"))
+    ]
+    changes = [store.Change(apply(job, r), r) for r in recs]
+    kinds = [ev.Started, ev.Labelled]
+    store._check_readable(changes[:1], kinds[:1], [b"{}"], [b"{}"])
+    with pytest.raises(ValueError, match=r"the job\.labelled event of job"):
+        store._check_readable(changes, kinds, [b"{}", b"{}"], [b"{}"])
