@@ -196,3 +196,44 @@ def test_equal_payloads_of_two_kinds_are_each_checked_as_their_own() -> None:
     store._check_readable(changes[:1], kinds[:1], [b"{}"], [b"{}"])
     with pytest.raises(ValueError, match=r"the job\.labelled event of job"):
         store._check_readable(changes, kinds, [b"{}", b"{}"], [b"{}"])
+
+
+async def test_a_batch_that_fails_at_one_job_stores_none_of_them(
+    ledger: JobLedger, db: str
+) -> None:
+    # create_streams_plain returns nothing of the rows it inserts: that the
+    # batch was stored whole rests on the statement being all or nothing.
+    taken = await ledger.submit("noop")
+    jobs = await ledger.submit_many([{"operator": "noop"}] * 2)
+    from uuid import uuid4
+
+    from projections.job_state import apply
+
+    at = datetime.now(UTC)
+    changes = []
+    for job_id in (uuid4(), uuid4(), taken.id):  # the last id is a job's already
+        rec = ev.Recorded(
+            job_id=job_id, version=1, event=ev.Submitted(operator="noop", label="x"), recorded_at=at
+        )
+        changes.append(store.Change(apply(None, rec), rec))
+    conn = await connect(db)
+    try:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await store.create(conn, changes)
+        ids = [c.state.id for c in changes[:2]]
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM jobledger.jobs WHERE id = ANY($1::uuid[])", ids
+            )
+            == 0
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM jobledger.events WHERE job_id = ANY($1::uuid[])", ids
+            )
+            == 0
+        )
+    finally:
+        await conn.close()
+    assert await ledger.get(taken.id) == taken
+    assert [await ledger.get(j.id) for j in jobs] == jobs

@@ -179,9 +179,12 @@ HAVING count(*) > 0;
 -- name: create_streams_plain
 -- create_streams for a batch in which no job has an idempotency key: no job
 -- can be skipped, so no conflict clause (a speculative insertion per row), no
--- join of the events to the rows created, and only a count back (a failing
--- row fails it all): 4% more jobs a second than create_streams for batches
--- of 100 (3 us less server time a job). The same parameters.
+-- join of the events to the rows created, and nothing back but whether it
+-- notified (a failing row fails it all, so success means every job was
+-- stored): 4% more jobs a second than create_streams for batches of 100 (3
+-- us less server time a job); returning no row of the inserted events saves
+-- 0.5-0.8 us more (EXPLAIN ANALYZE, 100 jobs, medians of 60: 14.77 -> 14.25
+-- and 14.96 -> 14.19). The same parameters.
 WITH
 -- include: _template
 created AS (
@@ -195,12 +198,9 @@ ins AS (
     SELECT u.id, 1,
 -- include: _event_values
     FROM ev, unnest($2::uuid[]) WITH ORDINALITY AS u(id, n)
-    RETURNING 1
 )
-SELECT count(*),
-       (SELECT count(*) FROM (SELECT pg_notify('jobledger', $5::text)
-                              WHERE $5::text IS NOT NULL) AS n) AS notified
-FROM ins;
+SELECT count(*) AS notified FROM (SELECT pg_notify('jobledger', $5::text)
+                                  WHERE $5::text IS NOT NULL) AS n;
 
 -- name: create_stream
 -- create_streams_plain for a single job, the most common submission: its row
