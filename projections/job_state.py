@@ -198,7 +198,7 @@ progress, result, error, worker, start, finish or tombstone.
 :func:`_submitted` sets every other field from the event."""
 
 
-_last_base: tuple[datetime, Job] = (_EPOCH, _NEW_JOB)
+_last_base: tuple[datetime, Job]
 
 
 def _base_at(at: datetime) -> Job:
@@ -215,6 +215,9 @@ def _base_at(at: datetime) -> Job:
     )
     _last_base = (at, base)
     return base
+
+
+_base_at(_EPOCH)  # the kept row is a true base from the start, even for _EPOCH itself
 
 
 def _submitted(rec: ev.Recorded, e: ev.Submitted) -> Job:
