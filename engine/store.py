@@ -88,7 +88,7 @@ def encode_payload(event: ev.Event) -> bytes:
 
     The row's ``type`` column holds the tag, and every reader decodes a
     payload by that column (:func:`projections.codec.decode_event`), so the
-    tag inside ``data`` was 25 bytes of every event row and of its WAL
+    tag inside ``data`` was 24 bytes of every event row and of its WAL
     record, written and never read (a job that runs writes three events).
     Events stored with the key still read the same. msgspec writes a tagged
     Struct's tag first, so leaving it out is a slice of the encoding.
