@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from engine import DatabaseUnavailable, JobLedger, Worker
-from engine.postgres import describe_dsn, retry_dropped
+from engine.postgres import RECV_BYTES, connect, describe_dsn, retry_dropped
 
 
 def _free_port() -> int:
@@ -98,6 +98,34 @@ async def test_the_dsn_sets_durability_for_every_connection(db: str) -> None:
         await Worker(relaxed, burst=True).run()
         assert (await relaxed.get(job.id)).status == "completed"
     assert seen == ["off"]
+
+
+def _recv_size(conn: asyncpg.Connection) -> int | None:
+    return getattr(conn._transport, "max_size", None)  # type: ignore[attr-defined]
+
+
+async def test_every_connection_reads_replies_whole_in_heap_sized_chunks(db: str) -> None:
+    """The pool's connections and :func:`connect`'s (the listener's, the rebuild's
+    parts') read at most RECV_BYTES a call (asyncio's 256 KiB buffer is mapped
+    afresh per reply), and a reply many times that size arrives whole, in order."""
+    plain = await asyncpg.connect(db)
+    try:
+        default = _recv_size(plain)
+    finally:
+        await plain.close()
+    assert default is not None and default > RECV_BYTES  # else there is nothing to bound
+    async with JobLedger(db) as ledger:
+        async with ledger.pool.acquire() as conn:
+            assert _recv_size(conn) == RECV_BYTES
+            text = await conn.fetchval("SELECT repeat('0123456789', 100000)")
+            assert text == "0123456789" * 100_000  # 1 MB: 16 reads or more
+            rows = await conn.fetch("SELECT g, md5(g::text) FROM generate_series(1, 20000) AS g")
+            assert [r[0] for r in rows] == list(range(1, 20_001))
+    own = await connect(db)
+    try:
+        assert _recv_size(own) == RECV_BYTES
+    finally:
+        await own.close()
 
 
 async def test_retry_dropped_gives_up_after_its_window() -> None:
